@@ -1,0 +1,196 @@
+"""Result dataclasses of a measured step: per phase, per category, per step; with to_dict()/from_dict()."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .categories import CATEGORIES, PHASES, Category, Phase
+from .units import format_bytes
+
+Split = Mapping[Category, int]
+
+
+def split_to_dict(split: Split) -> dict[str, int]:
+    """A category split as a plain dict in the canonical category order (zeros kept)."""
+    return {c.value: int(split.get(c, 0)) for c in CATEGORIES}
+
+
+def split_from_dict(data: Mapping[str, int]) -> dict[Category, int]:
+    return {Category(k): int(v) for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    """What one phase of one step did to memory."""
+
+    phase: Phase
+    peak: int                      #: max allocated bytes during the phase
+    retained: int                  #: allocated bytes when the phase ended
+    peak_split: dict[Category, int]  #: category mix at the phase's peak instant
+    retained_split: dict[Category, int]
+    reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "peak_bytes": self.peak,
+            "retained_bytes": self.retained,
+            "reserved_peak_bytes": self.reserved_peak,
+            "peak_split": split_to_dict(self.peak_split),
+            "retained_split": split_to_dict(self.retained_split),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PhaseStats":
+        return cls(
+            phase=Phase(data["phase"]),
+            peak=int(data["peak_bytes"]),
+            retained=int(data["retained_bytes"]),
+            peak_split=split_from_dict(data["peak_split"]),
+            retained_split=split_from_dict(data["retained_split"]),
+            reserved_peak=data.get("reserved_peak_bytes"),
+        )
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """One training step: its peak, where the peak fell and the per-phase figures."""
+
+    index: int                     #: 0 = first step (optimizer state created lazily), 1.. = steady
+    peak: int
+    peak_phase: Phase
+    peak_split: dict[Category, int]
+    phases: dict[Phase, PhaseStats]
+    reserved_peak: int | None = None
+
+    @property
+    def label(self) -> str:
+        return "first" if self.index == 0 else "steady"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "label": self.label,
+            "peak_bytes": self.peak,
+            "peak_phase": self.peak_phase.value,
+            "reserved_peak_bytes": self.reserved_peak,
+            "peak_split": split_to_dict(self.peak_split),
+            "phases": [self.phases[p].to_dict() for p in PHASES if p in self.phases],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StepMeasurement":
+        phases = [PhaseStats.from_dict(p) for p in data["phases"]]
+        return cls(
+            index=int(data["index"]),
+            peak=int(data["peak_bytes"]),
+            peak_phase=Phase(data["peak_phase"]),
+            peak_split=split_from_dict(data["peak_split"]),
+            phases={p.phase: p for p in phases},
+            reserved_peak=data.get("reserved_peak_bytes"),
+        )
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Everything measured about a training step on one backend.
+
+    ``steps[0]`` is the first step (lazy optimizer state appears there), later ones are steady.
+    The top-level ``peak``/``peak_split``/``phases`` are those of the step with the larger peak.
+    """
+
+    backend: str                  #: "cuda", "cpu" or "emulated"
+    device: str                   #: what the figures describe, e.g. "NVIDIA H100 80GB HBM3" or "cuda (emulated on meta tensors)"
+    torch_version: str
+    cuda_version: str | None
+    steps: tuple[StepMeasurement, ...]
+    notes: tuple[str, ...] = ()   #: what the backend substituted or could not see, in words
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_step(self) -> StepMeasurement:
+        """The step with the largest peak (the first one on ties)."""
+        return max(self.steps, key=lambda s: (s.peak, -s.index))
+
+    @property
+    def peak(self) -> int:
+        return self.peak_step.peak
+
+    @property
+    def peak_phase(self) -> Phase:
+        return self.peak_step.peak_phase
+
+    @property
+    def peak_split(self) -> dict[Category, int]:
+        return self.peak_step.peak_split
+
+    @property
+    def phases(self) -> dict[Phase, PhaseStats]:
+        return self.peak_step.phases
+
+    @property
+    def reserved_peak(self) -> int | None:
+        values = [s.reserved_peak for s in self.steps if s.reserved_peak is not None]
+        return max(values) if values else None
+
+    @property
+    def larger_step(self) -> str:
+        """Which step needs more memory, in words: 'first', 'steady' or 'equal'."""
+        if len(self.steps) < 2 or self.steps[0].peak == self.steps[-1].peak:
+            return "equal"
+        return "first" if self.steps[0].peak > self.steps[-1].peak else "steady"
+
+    def category_peak(self, category: Category) -> int:
+        """The most bytes ``category`` held at any phase peak of any step (for per-category budgets)."""
+        return max(
+            (ps.peak_split.get(category, 0) for s in self.steps for ps in s.phases.values()),
+            default=0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "torch_version": self.torch_version,
+            "cuda_version": self.cuda_version,
+            "peak_bytes": self.peak,
+            "peak_phase": self.peak_phase.value,
+            "peak_step": self.peak_step.label,
+            "larger_step": self.larger_step,
+            "reserved_peak_bytes": self.reserved_peak,
+            "peak_split": split_to_dict(self.peak_split),
+            "category_peaks": {c.value: self.category_peak(c) for c in CATEGORIES},
+            "steps": [s.to_dict() for s in self.steps],
+            "notes": list(self.notes),
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StepReport":
+        return cls(
+            backend=data["backend"],
+            device=data["device"],
+            torch_version=data["torch_version"],
+            cuda_version=data.get("cuda_version"),
+            steps=tuple(StepMeasurement.from_dict(s) for s in data["steps"]),
+            notes=tuple(data.get("notes", ())),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def table(self, *, verbose: bool = False) -> str:
+        """A phase x category table of the peak step (every step with ``verbose``), for people."""
+        from .report import step_table  # local import: report depends on results, not the reverse
+
+        return step_table(self, verbose=verbose)
+
+    def __str__(self) -> str:
+        return (
+            f"StepReport({self.backend}: peak {format_bytes(self.peak)} during {self.peak_phase.value} "
+            f"of the {self.peak_step.label} step)"
+        )
+
+
+def replace(obj, **changes):
+    """dataclasses.replace, re-exported for callers that adjust a report (e.g. adding notes)."""
+    return dataclasses.replace(obj, **changes)
