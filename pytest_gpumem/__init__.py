@@ -1,0 +1,22 @@
+"""pytest-gpumem: GPU memory budgets for PyTorch training steps, measured on CUDA or emulated on the CPU."""
+from __future__ import annotations
+
+from .categories import Category, Phase
+from .results import PhaseStats, StepMeasurement, StepReport
+from .step import OutOfMemory, StepFailed, measure_step, track
+from .units import format_bytes, parse_bytes
+
+__all__ = [
+    "Category",
+    "OutOfMemory",
+    "Phase",
+    "PhaseStats",
+    "StepFailed",
+    "StepMeasurement",
+    "StepReport",
+    "format_bytes",
+    "measure_step",
+    "parse_bytes",
+    "track",
+]
+__version__ = "0.1.0"

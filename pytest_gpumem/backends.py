@@ -1,0 +1,201 @@
+"""Where bytes come from: the real CUDA allocator, real CPU tensors, or an emulation of CUDA on meta tensors.
+
+A backend says which device the step's tensors live on, how the tracker rounds sizes, and turns
+the tracker's replayed phases into ``PhaseStats`` (adding the allocator's own figures on CUDA).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .allocator import CachingAllocatorModel, round_allocation
+from .categories import Category, Phase
+from .results import PhaseStats
+from .tracker import PhaseReplay, StorageTracker, no_rounding
+
+BACKENDS = ("auto", "cuda", "cpu", "emulated")
+
+
+def resolve_backend_name(name: str | None) -> str:
+    """'auto' (or None) -> 'cuda' when a GPU is present, else 'emulated'; validate the rest."""
+    name = (name or "auto").lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown gpumem backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "emulated"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "gpumem backend 'cuda' was asked for but torch.cuda.is_available() is False; "
+            "use backend 'emulated' (predicts CUDA figures on the CPU) or 'auto'"
+        )
+    return name
+
+
+@dataclass
+class Backend:
+    """Common shape of the three backends; subclasses fill in the device-specific parts."""
+
+    name: str = "cpu"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rounding(self) -> Callable[[int], int]:
+        return no_rounding
+
+    @property
+    def tracked_device_type(self) -> str:
+        return self.device.type
+
+    def describe(self) -> str:
+        """What the figures describe, in words (goes into StepReport.device)."""
+        return "cpu"
+
+    def make_tracker(self) -> StorageTracker:
+        return StorageTracker(self.tracked_device_type, self.rounding)
+
+    def begin(self) -> None:
+        """Called once before anything is measured."""
+
+    def phase_started(self, step: int, phase: Phase) -> None:
+        """Called at the start of every phase."""
+
+    def phase_ended(self, step: int, phase: Phase) -> None:
+        """Called at the end of every phase."""
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Context the forward and backward passes run in (the emulated backend patches kernels)."""
+        return contextlib.nullcontext()
+
+    def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
+        """Turn replayed phases into the reported per-phase figures."""
+        return [
+            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None) for r in replays
+        ]
+
+
+@dataclass
+class CpuBackend(Backend):
+    """Real CPU tensors, every storage tracked at dispatch level; bytes exactly as tensors hold them."""
+
+    name: str = "cpu"
+
+    def describe(self) -> str:
+        return "cpu"
+
+
+@dataclass
+class EmulatedBackend(Backend):
+    """Meta tensors (no real memory) with the CUDA caching allocator's rules applied."""
+
+    name: str = "emulated"
+    device: torch.device = field(default_factory=lambda: torch.device("meta"))
+
+    @property
+    def rounding(self) -> Callable[[int], int]:
+        return round_allocation
+
+    def describe(self) -> str:
+        return "cuda (emulated on meta tensors)"
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        try:
+            from . import emulation  # kernel substitutions that make meta save what CUDA saves
+        except ImportError:  # pragma: no cover - during development only
+            return contextlib.nullcontext()
+        return emulation.cuda_semantics()
+
+    def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
+        model = CachingAllocatorModel()
+        reserved_after = model.replay(tracker.allocation_events())
+        stats = []
+        reserved_before = 0
+        for r in replays:
+            first, end = r.events
+            window = reserved_after[first:end]
+            reserved_peak = max(window, default=reserved_before)
+            reserved_peak = max(reserved_peak, reserved_before)
+            if end > first:
+                reserved_before = reserved_after[end - 1]
+            stats.append(PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, reserved_peak))
+        return stats
+
+
+@dataclass
+class CudaBackend(Backend):
+    """The real caching allocator's figures; the tracker supplies the category split.
+
+    Bytes present before the measurement that are not the step's (other tests' leftovers,
+    cuBLAS workspaces) are a baseline subtracted from every figure; bytes the allocator holds
+    beyond what the tracker saw (workspaces created during the step) are reported as ``other``.
+    """
+
+    name: str = "cuda"
+    _foreign: int = 0
+    _allocator: dict[tuple[int, Phase], tuple[int, int, int]] = field(default_factory=dict)
+
+    @property
+    def rounding(self) -> Callable[[int], int]:
+        return round_allocation
+
+    def describe(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+    def begin(self) -> None:
+        warm_up_cuda(self.device)
+
+    def set_foreign_baseline(self, tracked_bytes: int) -> None:
+        """Bytes allocated now that the tracker does not account for are not the step's."""
+        self._foreign = torch.cuda.memory_allocated(self.device) - tracked_bytes
+
+    def phase_started(self, step: int, phase: Phase) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def phase_ended(self, step: int, phase: Phase) -> None:
+        self._allocator[(step, phase)] = (
+            torch.cuda.max_memory_allocated(self.device),
+            torch.cuda.memory_allocated(self.device),
+            torch.cuda.max_memory_reserved(self.device),
+        )
+
+    def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
+        stats = []
+        for r in replays:
+            peak, now, reserved = self._allocator.get((r.step, r.phase), (r.peak, r.retained, 0))
+            peak, now = peak - self._foreign, now - self._foreign
+            # the allocator is the authority on bytes; what it holds beyond the tracker is 'other'
+            peak_split = dict(r.peak_split)
+            peak_split[Category.OTHER] += peak - r.peak
+            retained_split = dict(r.retained_split)
+            retained_split[Category.OTHER] += now - r.retained
+            stats.append(PhaseStats(r.phase, peak, now, peak_split, retained_split, reserved))
+        return stats
+
+
+def warm_up_cuda(device: torch.device) -> None:
+    """Create cuBLAS handles and workspaces before measuring, so results do not depend on test order."""
+    a = torch.ones(64, 64, device=device, requires_grad=True)
+    (a @ a).sum().backward()
+    del a
+    torch.cuda.synchronize(device)
+
+
+def cuda_device_for_worker(worker_id: str | None) -> torch.device:
+    """The GPU an xdist worker should use: gw<N> -> cuda:<N mod device count>."""
+    count = torch.cuda.device_count()
+    if not worker_id or not worker_id.startswith("gw") or count == 0:
+        return torch.device("cuda", torch.cuda.current_device() if count else 0)
+    return torch.device("cuda", int(worker_id[2:]) % count)
+
+
+def make_backend(name: str | None, *, cuda_device: torch.device | None = None) -> Backend:
+    """Build the backend named ``name`` ('auto' picks cuda when a GPU is present, else emulated)."""
+    resolved = resolve_backend_name(name)
+    if resolved == "cuda":
+        return CudaBackend(device=cuda_device or torch.device("cuda", torch.cuda.current_device()))
+    if resolved == "emulated":
+        return EmulatedBackend()
+    return CpuBackend()

@@ -1,0 +1,355 @@
+"""Run a training step through its phases on a backend and return a StepReport.
+
+``measure_step`` runs the step itself; ``track`` measures a loop the user writes, finding the
+phases from module, autograd and optimizer hooks. Both share ``Session``: one tracker, one
+backend, phase marks, and the rules that say what each storage is for.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .backends import Backend, CudaBackend, make_backend
+from .categories import PHASES, Category, Phase
+from .results import PhaseStats, StepMeasurement, StepReport
+from .tracker import StorageTracker
+from .twins import model_device, model_twin, move_batch, optimizer_twin
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class StepFailed(RuntimeError):
+    """The step raised; ``partial`` holds what was measured up to the failure."""
+
+    def __init__(self, message: str, partial: StepReport | None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class OutOfMemory(StepFailed):
+    """The device ran out of memory during the step."""
+
+
+def default_loss(output: Any, target: Any) -> torch.Tensor:
+    """sum() of the output without a target; cross-entropy for integer targets; MSE for float ones."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(output).__name__}, not a tensor: pass loss_fn=... to say how to "
+            "turn it into a scalar loss"
+        )
+    if target is None:
+        return output.sum()
+    if not target.is_floating_point():
+        return nn.functional.cross_entropy(output, target)
+    return nn.functional.mse_loss(output, target)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """model(*inputs) for a tuple/list batch, model(**inputs) for a dict, model(inputs) otherwise."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(obj)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+class Session:
+    """One measurement: tracker + backend + phase marks, turned into a StepReport at the end."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.tracker: StorageTracker = backend.make_tracker()
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.batch_tensors: list[torch.Tensor] = []
+        self.current: tuple[int, Phase] | None = None
+        self.report: StepReport | None = None
+        self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._entered = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        self.backend.begin()
+        self.tracker.__enter__()
+        self._saving.__enter__()
+        self._entered = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def close(self) -> StepReport:
+        """End the current phase, stop tracking and build the report (idempotent)."""
+        if self.report is not None:
+            return self.report
+        if self.current is not None:
+            self._end_phase()
+        if self._entered:
+            self._saving.__exit__(None, None, None)
+            self.tracker.__exit__(None, None, None)
+            self._entered = False
+        self.tracker.close()
+        self.report = self._build_report()
+        return self.report
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.tracker.mark((tensor,), Category.ACTIVATIONS)
+        return tensor
+
+    # -- phases ------------------------------------------------------------------------------
+    def phase(self, step: int, phase: Phase) -> None:
+        """End the running phase and start ``phase`` of step ``step``."""
+        if self.current == (step, phase):
+            return
+        if self.current is not None:
+            self._end_phase()
+        self.current = (step, phase)
+        self.tracker.start_phase(step, phase)
+        self.backend.phase_started(step, phase)
+
+    def _end_phase(self) -> None:
+        assert self.current is not None
+        self.classify()
+        self.backend.phase_ended(*self.current)
+
+    def classify(self) -> None:
+        """Mark what the model, optimizer and batch hold now (priority keeps earlier, stronger marks)."""
+        if self.model is not None:
+            self.tracker.mark(itertools.chain(self.model.parameters(), self.model.buffers()), Category.PARAMS)
+            self.tracker.mark((p.grad for p in self.model.parameters() if p.grad is not None), Category.GRADS)
+        if self.optimizer is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.tracker.mark(params, Category.PARAMS)
+            self.tracker.mark((p.grad for p in params if p.grad is not None), Category.GRADS)
+            self.tracker.mark(optimizer_state_tensors(self.optimizer), Category.OPTIMIZER)
+        self.tracker.mark(self.batch_tensors, Category.BATCH)
+
+    # -- placing the user's objects ----------------------------------------------------------
+    def place_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        """The model and optimizer on the backend's device: as given when they are there, else copies."""
+        device = self.backend.device
+        current = model_device(model)
+        if current is not None and current != device and not _same_device(current, device):
+            model, mapping = model_twin(model, device)
+            if optimizer is not None:
+                optimizer = optimizer_twin(optimizer, mapping, device)
+        self.model, self.optimizer = model, optimizer
+        self.classify()
+        return model, optimizer
+
+    def place_batch(self, batch: Any) -> Any:
+        """The batch on the backend's device, its storages marked as batch."""
+        batch = move_batch(batch, self.backend.device)
+        self.batch_tensors = _tensors(batch)
+        self.tracker.mark(self.batch_tensors, Category.BATCH)
+        return batch
+
+    # -- report ------------------------------------------------------------------------------
+    def _build_report(self) -> StepReport:
+        replays = self.tracker.replay()
+        stats = self.backend.phase_stats(self.tracker, replays)
+        by_step: dict[int, dict[Phase, PhaseStats]] = {}
+        for replay, stat in zip(replays, stats):
+            by_step.setdefault(replay.step, {})[replay.phase] = stat
+        steps = []
+        for index in sorted(by_step):
+            phases = by_step[index]
+            ordered = [phases[p] for p in PHASES if p in phases]
+            top = max(ordered, key=lambda s: s.peak)  # max() keeps the first of equal peaks
+            reserved = [s.reserved_peak for s in ordered if s.reserved_peak is not None]
+            steps.append(
+                StepMeasurement(index, top.peak, top.phase, top.peak_split, phases, max(reserved) if reserved else None)
+            )
+        return StepReport(
+            backend=self.backend.name,
+            device=self.backend.describe(),
+            torch_version=torch.__version__,
+            cuda_version=torch.version.cuda,
+            steps=tuple(steps),
+            notes=tuple(self.backend.notes),
+        )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def _failure(session: Session, exc: BaseException) -> StepFailed:
+    """Wrap ``exc`` with the partial report; say what to do when the emulated backend hits a value."""
+    partial = None
+    with contextlib.suppress(Exception):
+        partial = session.close()
+    where = f" during {session.current[1].value} of step {session.current[0]}" if session.current else ""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return OutOfMemory(f"CUDA out of memory{where}: {str(exc).splitlines()[0]}", partial)
+    message = f"{type(exc).__name__}{where}: {exc}"
+    if session.backend.name == "emulated":
+        with contextlib.suppress(ImportError):
+            from .emulation import explain_meta_failure
+
+            explained = explain_meta_failure(exc)
+            if explained:
+                message = f"{message}\n{explained}"
+    return StepFailed(message, partial)
+
+
+def measure_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    target: Any = None,
+    steps: int = 2,
+    backend: str | Backend | None = "auto",
+    set_to_none: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: Any = None,
+) -> StepReport:
+    """Run ``steps`` training steps and report per phase and per category where memory went.
+
+    Step 0 creates the optimizer state lazily; later steps are steady. The output and loss are
+    dropped after backward, as a lean training loop does. With ``backend="emulated"`` the model,
+    optimizer and batch are copied to meta tensors (the originals are untouched) and the CUDA
+    allocator's rules applied, predicting what ``backend="cuda"`` would report.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    be = backend if isinstance(backend, Backend) else make_backend(backend)
+    loss_fn = loss_fn or default_loss
+    session = Session(be)
+    try:
+        with session:
+            session.phase(0, Phase.SETUP)
+            model, optimizer = session.place_model(model, optimizer)
+            if isinstance(be, CudaBackend):
+                be.set_foreign_baseline(session.tracker.live_bytes())
+            session.phase(0, Phase.BATCH)
+            inputs, target = session.place_batch((batch, target))
+            for index in range(steps):
+                _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
+    except StepFailed:
+        raise
+    except Exception as exc:  # the partial report travels with the error
+        raise _failure(session, exc) from exc
+    finally:
+        gc.collect()
+    return session.close()
+
+
+def _autocast(backend: Backend, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    if backend.name == "emulated":
+        from .emulation import emulated_autocast
+
+        return emulated_autocast(dtype)
+    return torch.autocast(backend.device.type, dtype=dtype)
+
+
+def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
+    """forward -> backward -> optimizer -> zero_grad, each its own phase."""
+    session.phase(index, Phase.FORWARD)
+    with session.backend.forward_context():
+        with _autocast(session.backend, autocast_dtype):
+            output = call_model(model, inputs)
+            loss = loss_fn(output, target)
+        session.phase(index, Phase.BACKWARD)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        del output, loss
+    session.phase(index, Phase.OPTIMIZER)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    session.phase(index, Phase.ZERO_GRAD)
+    optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class Tracking:
+    """Handle of ``track()``: the report appears on ``.report`` when the block ends."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.report: StepReport | None = None
+
+
+@contextlib.contextmanager
+def track(
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch: Any = None,
+    *,
+    backend: str | Backend | None = "auto",
+) -> Iterator[Tracking]:
+    """Measure a hand-written loop: phases are found from the model's forward hooks, autograd and
+    the optimizer's step hooks. The model, optimizer and batch must already be on the backend's
+    device (``gpumem.device``); a new forward after an optimizer step starts the next step.
+    """
+    be = backend if isinstance(backend, Backend) else make_backend(backend)
+    session = Session(be)
+    handle = Tracking(session)
+    step = [0]
+    undo: list[Callable[[], None]] = []
+
+    def enter(phase: Phase) -> None:
+        if session.current is None:
+            return
+        cur_step, cur_phase = session.current
+        if phase is Phase.FORWARD and cur_phase in (Phase.OPTIMIZER, Phase.ZERO_GRAD):
+            step[0] += 1
+        if (step[0], phase) != session.current and not (phase is Phase.FORWARD and cur_phase is Phase.BACKWARD):
+            session.phase(step[0], phase)
+
+    def on_dispatch() -> None:
+        if torch._C._current_graph_task_id() != -1 and session.current and session.current[1] is not Phase.BACKWARD:
+            enter(Phase.BACKWARD)
+
+    session.tracker.on_dispatch = on_dispatch
+    with session:
+        session.phase(0, Phase.SETUP)
+        if model is not None:
+            session.model = model
+            undo.append(model.register_forward_pre_hook(lambda m, a: enter(Phase.FORWARD)).remove)
+        if optimizer is not None:
+            session.optimizer = optimizer
+            undo.append(optimizer.register_step_pre_hook(lambda o, a, k: enter(Phase.OPTIMIZER)).remove)
+            original_zero_grad = optimizer.zero_grad
+
+            def zero_grad(*args, **kwargs):
+                enter(Phase.ZERO_GRAD)
+                return original_zero_grad(*args, **kwargs)
+
+            optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
+            undo.append(lambda: optimizer.__dict__.pop("zero_grad", None))
+        session.classify()
+        session.phase(0, Phase.BATCH)
+        if batch is not None:
+            session.batch_tensors = _tensors(batch)
+            session.tracker.mark(session.batch_tensors, Category.BATCH)
+        try:
+            yield handle
+        finally:
+            for fn in reversed(undo):
+                fn()
+    handle.report = session.close()

@@ -1,0 +1,235 @@
+"""Dispatch-level storage tracker: an event log of storage allocations and frees, per phase.
+
+Every op output seen by a ``TorchDispatchMode`` is resolved to its untyped storage; the first
+sighting of a storage is an allocation event, the storage's weakref callback a free event. What a
+storage is *for* (params, grads, ...) is decided at the end from what was learned during the step
+(``mark``), and the log is then replayed once to find peaks, their category mix and what each
+phase retained. Views share a storage, so they count once.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .categories import CATEGORIES, Category, Phase
+
+#: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
+_PRIORITY: dict[Category, int] = {
+    Category.PARAMS: 0,
+    Category.BATCH: 1,
+    Category.GRADS: 2,
+    Category.OPTIMIZER: 3,
+    Category.ACTIVATIONS: 4,
+    Category.TEMPORARIES: 5,
+    Category.OTHER: 6,
+}
+
+RoundFn = Callable[[int], int]
+
+
+def no_rounding(nbytes: int) -> int:
+    """Bytes as the tensor holds them (the ``cpu`` backend)."""
+    return nbytes
+
+
+@dataclass
+class _Event:
+    key: int        #: storage key, or -1 for a phase mark
+    delta: int      #: +size on allocation, -size on free (rounded, what an allocator would report)
+    raw: int        #: the same in raw storage bytes
+    step: int = -1  #: for phase marks
+    phase: Phase | None = None
+
+
+@dataclass(frozen=True)
+class PhaseReplay:
+    """Replayed figures of one (step, phase)."""
+
+    step: int
+    phase: Phase
+    peak: int
+    peak_split: dict[Category, int]
+    retained: int
+    retained_split: dict[Category, int]
+    events: tuple[int, int]  #: [first, last) event indices, for allocator models
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records allocations and frees of storages on one device type while active.
+
+    ``rounding`` maps a storage's byte size to what the allocator would hand out (512-B blocks on
+    CUDA); categories are reported in raw bytes and the rounding surplus as ``other``.
+    """
+
+    def __init__(self, device_type: str, rounding: RoundFn = no_rounding) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.rounding = rounding
+        self._events: list[_Event] = []
+        self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # id(storage) -> (key, size, raw, ref)
+        self._next_key = 0
+        self._marks: dict[int, Category] = {}
+        self._closed = False
+        #: called before every op; ``track()`` uses it to notice that autograd's backward began
+        self.on_dispatch: Callable[[], None] | None = None
+
+    # -- recording ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on_dispatch is not None:
+            self.on_dispatch()
+        out = func(*args, **(kwargs or {}))
+        flat, _ = tree_flatten(out)
+        for item in flat:
+            if isinstance(item, torch.Tensor):
+                self.observe(item)
+        return out
+
+    def observe(self, tensor: torch.Tensor) -> int | None:
+        """Register ``tensor``'s storage if it is on the tracked device; return its key."""
+        if tensor.device.type != self.device_type or tensor.layout != torch.strided:
+            return None
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested, functional)
+            return None
+        ident = id(storage)
+        entry = self._live.get(ident)
+        raw = storage.nbytes()
+        if entry is not None:
+            key, size, old_raw, ref = entry
+            if raw == old_raw:
+                return key
+            # resize_ in place: the allocator frees the old block and hands out a new one
+            self._record(key, -size, -old_raw)
+            size = self.rounding(raw)
+            self._live[ident] = (key, size, raw, ref)
+            self._record(key, size, raw)
+            return key
+        key = self._next_key
+        self._next_key += 1
+        size = self.rounding(raw)
+        ref = weakref.ref(storage, self._make_free_callback(ident))
+        self._live[ident] = (key, size, raw, ref)
+        self._record(key, size, raw)
+        return key
+
+    def _make_free_callback(self, ident: int) -> Callable[[weakref.ref], None]:
+        def on_free(_ref: weakref.ref) -> None:
+            entry = self._live.get(ident)
+            if entry is not None and entry[3] is _ref:
+                del self._live[ident]
+                if not self._closed:
+                    self._record(entry[0], -entry[1], -entry[2])
+
+        return on_free
+
+    def _record(self, key: int, delta: int, raw: int) -> None:
+        self._events.append(_Event(key, delta, raw))
+
+    def start_phase(self, step: int, phase: Phase) -> None:
+        """Mark that everything from now on belongs to ``phase`` of step ``step``."""
+        self._events.append(_Event(-1, 0, 0, step, phase))
+
+    def mark(self, tensors: Iterable[torch.Tensor], category: Category) -> None:
+        """Say what the storages of ``tensors`` are for (registering them if not yet seen)."""
+        for t in tensors:
+            if t is None:
+                continue
+            key = self.observe(t)
+            if key is None:
+                continue
+            old = self._marks.get(key)
+            if old is None or _PRIORITY[category] < _PRIORITY[old]:
+                self._marks[key] = category
+
+    def key_of(self, tensor: torch.Tensor) -> int | None:
+        """The key of ``tensor``'s storage if it is live and tracked."""
+        if tensor.device.type != self.device_type:
+            return None
+        entry = self._live.get(id(tensor.untyped_storage()))
+        return entry[0] if entry is not None else None
+
+    def live_bytes(self) -> int:
+        """Rounded bytes of the tracked storages alive now."""
+        return sum(entry[1] for entry in self._live.values())
+
+    def close(self) -> None:
+        """Stop recording frees (storages outliving the measurement are still live at its end)."""
+        self._closed = True
+
+    # -- replay ----------------------------------------------------------------------------
+    def category_of(self, key: int) -> Category:
+        return self._marks.get(key, Category.TEMPORARIES)
+
+    def allocation_events(self) -> Iterator[tuple[int, int]]:
+        """(key, +size | -size) of every allocation and free in order, for allocator models."""
+        for ev in self._events:
+            if ev.key >= 0:
+                yield ev.key, ev.delta
+
+    def phase_bounds(self) -> list[tuple[int, Phase, int, int]]:
+        """(step, phase, first allocation index, end index) in order, indices into allocation_events()."""
+        bounds: list[tuple[int, Phase, int, int]] = []
+        alloc_index = 0
+        current: tuple[int, Phase, int] | None = None
+        for ev in self._events:
+            if ev.key < 0:
+                if current is not None:
+                    bounds.append((current[0], current[1], current[2], alloc_index))
+                current = (ev.step, ev.phase, alloc_index)
+            else:
+                alloc_index += 1
+        if current is not None:
+            bounds.append((current[0], current[1], current[2], alloc_index))
+        return bounds
+
+    def replay(self) -> list[PhaseReplay]:
+        """Walk the log once: per (step, phase) the rounded peak, its raw category mix, and what remained."""
+        cat_index = {c: i for i, c in enumerate(CATEGORIES)}
+        totals = [0] * len(CATEGORIES)
+        allocated = 0
+        results: list[PhaseReplay] = []
+        current: tuple[int, Phase] | None = None
+        peak = -1
+        peak_mix: list[int] = []
+        first = 0
+        alloc_index = 0
+
+        def split(mix: list[int], rounded: int) -> dict[Category, int]:
+            out = {c: mix[i] for i, c in enumerate(CATEGORIES)}
+            out[Category.OTHER] += rounded - sum(mix)
+            return out
+
+        def close_phase() -> None:
+            if current is not None:
+                results.append(
+                    PhaseReplay(
+                        step=current[0],
+                        phase=current[1],
+                        peak=peak,
+                        peak_split=split(peak_mix, peak),
+                        retained=allocated,
+                        retained_split=split(totals, allocated),
+                        events=(first, alloc_index),
+                    )
+                )
+
+        for ev in self._events:
+            if ev.key < 0:
+                close_phase()
+                current = (ev.step, ev.phase)
+                peak, peak_mix, first = allocated, list(totals), alloc_index
+                continue
+            alloc_index += 1
+            allocated += ev.delta
+            idx = cat_index[self.category_of(ev.key)]
+            totals[idx] += ev.raw
+            if allocated > peak:
+                peak, peak_mix = allocated, list(totals)
+        close_phase()
+        return results

@@ -1,0 +1,82 @@
+"""Copies of a model, its optimizer and a batch on another device (meta for emulation, a GPU for cuda).
+
+The user's objects are never modified: parameters are mapped through a deepcopy memo, so the
+copy costs only the new tensors (nothing at all on the meta device).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+
+def move_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: an empty tensor of the same shape on meta, a real copy elsewhere."""
+    if t.device == device:
+        return t
+    if device.type == "meta":
+        return torch.empty_like(t, device=device)
+    return t.detach().to(device)
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Every tensor in a (nested) batch on ``device``; other leaves unchanged."""
+    return tree_map(lambda x: move_tensor(x, device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def model_twin(model: nn.Module, device: torch.device) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A copy of ``model`` whose parameters and buffers live on ``device``; also the id->new map."""
+    memo: dict[int, Any] = {}
+    mapping: dict[int, torch.Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in mapping:
+            continue
+        data = move_tensor(t.detach(), device)
+        new = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+        if isinstance(t, nn.Parameter) and t.grad is not None:
+            new.grad = move_tensor(t.grad, device)
+        memo[id(t)] = new
+        mapping[id(t)] = new
+    twin = copy.deepcopy(model, memo)
+    return twin, mapping
+
+
+def optimizer_twin(optimizer: torch.optim.Optimizer, mapping: dict[int, torch.Tensor], device: torch.device):
+    """The same optimizer class and hyper-parameters over the twin's parameters, with its state moved."""
+    groups = []
+    for group in optimizer.param_groups:
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        new_group["params"] = [mapping[id(p)] for p in group["params"]]
+        groups.append(new_group)
+    try:
+        twin = type(optimizer)(groups, **optimizer.defaults)
+    except TypeError as exc:
+        raise TypeError(
+            f"pytest-gpumem could not rebuild {type(optimizer).__name__} for the {device.type} device "
+            f"({exc}); create the model and optimizer on gpumem.device instead"
+        ) from exc
+    for param, state in optimizer.state.items():
+        new_param = mapping[id(param)]
+        # the CPU 'step' counters of non-capturable optimizers stay on the CPU, as they would on a GPU
+        twin.state[new_param] = {k: _move_state(v, device) for k, v in state.items()}
+    return twin
+
+
+def _move_state(value: Any, device: torch.device) -> Any:
+    """Move per-parameter state; scalar CPU tensors (the 'step' counter) stay where they are."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type == "cpu" and value.dim() == 0:
+        return value.clone()
+    return move_tensor(value, device)
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a model without tensors)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
