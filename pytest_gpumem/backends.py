@@ -41,6 +41,8 @@ class Backend:
     name: str = "cpu"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     notes: list[str] = field(default_factory=list)
+    #: every tracker this backend made, so the plugin can look for leaks after the test
+    trackers: list[StorageTracker] = field(default_factory=list)
 
     @property
     def rounding(self) -> Callable[[int], int]:
@@ -55,7 +57,9 @@ class Backend:
         return "cpu"
 
     def make_tracker(self) -> StorageTracker:
-        return StorageTracker(self.tracked_device_type, self.rounding)
+        tracker = StorageTracker(self.tracked_device_type, self.rounding)
+        self.trackers.append(tracker)
+        return tracker
 
     def begin(self) -> None:
         """Called once before anything is measured."""

@@ -1,0 +1,160 @@
+"""Budgets from the gpu_budget marker, the checks against a StepReport, and the failure sentences."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .categories import Category
+from .results import StepReport
+from .units import format_bytes, format_percent, parse_bytes
+
+KINDS = ("allocated", "reserved")
+#: categories a marker keyword may budget
+BUDGETED_CATEGORIES = (
+    Category.PARAMS, Category.GRADS, Category.OPTIMIZER, Category.BATCH, Category.ACTIVATIONS, Category.TEMPORARIES,
+)
+_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol"}
+MARKER_SIGNATURE = (
+    "gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
+    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None)"
+)
+
+
+class BudgetError(ValueError):
+    """A gpu_budget marker or option was given something it cannot use."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one test may use: a total and/or per-category bytes, of allocated or reserved memory."""
+
+    total: int | None = None
+    categories: dict[Category, int] = field(default_factory=dict)
+    kind: str = "allocated"
+    backend: str | None = None
+    leak: int | None = None      #: bytes a test may still hold after it ends (None: report only)
+    rtol: float | None = None    #: allowed relative difference from the estimate (None: ini default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_bytes": self.total,
+            "categories": {c.value: b for c, b in self.categories.items()},
+            "kind": self.kind,
+            "leak_bytes": self.leak,
+        }
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total is None and not self.categories
+
+
+def _size(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    try:
+        size = parse_bytes(value)
+    except ValueError as exc:
+        raise BudgetError(f"{name}={value!r}: {exc}") from None
+    if size == 0 and not allow_zero:
+        raise BudgetError(f"{name}={value!r}: a budget must be positive (use leak='0B' to forbid leaks)")
+    return size
+
+
+def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
+    """Build a Budget from ``gpu_budget(...)`` arguments; BudgetError names the bad value."""
+    if len(args) > 1:
+        raise BudgetError(f"takes at most one positional argument (the total), got {len(args)}: {MARKER_SIGNATURE}")
+    unknown = sorted(set(kwargs) - _KEYWORDS)
+    if unknown:
+        raise BudgetError(f"unknown keyword {', '.join(unknown)}; accepted: {MARKER_SIGNATURE}")
+    if args and "total" in kwargs:
+        raise BudgetError("total given both positionally and as a keyword")
+    raw_total = args[0] if args else kwargs.get("total")
+    total = None if raw_total is None else _size("total", raw_total)
+    categories = {
+        c: _size(c.value, kwargs[c.value]) for c in BUDGETED_CATEGORIES if kwargs.get(c.value) is not None
+    }
+    kind = kwargs.get("kind", "allocated")
+    if kind not in KINDS:
+        raise BudgetError(f"kind={kind!r}: expected one of {', '.join(map(repr, KINDS))}")
+    if kind == "reserved" and categories:
+        raise BudgetError("per-category budgets apply to allocated bytes; kind='reserved' takes only a total")
+    backend = kwargs.get("backend")
+    if backend is not None and backend not in ("auto", "cuda", "cpu", "emulated"):
+        raise BudgetError(f"backend={backend!r}: expected one of 'auto', 'cuda', 'cpu', 'emulated'")
+    leak = kwargs.get("leak")
+    leak_bytes = None if leak is None else _size("leak", leak, allow_zero=True)
+    rtol = kwargs.get("rtol")
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 10:
+            raise BudgetError(f"rtol={rtol!r}: expected a number such as 0.05 (5%) between 0 and 10")
+        rtol = float(rtol)
+    return Budget(total, categories, kind, backend, leak_bytes, rtol)
+
+
+@dataclass(frozen=True)
+class Overrun:
+    """A failed budget: one sentence for the failure line, the detail for the report section."""
+
+    sentence: str
+    over_by: int
+
+
+def _mix(split: Mapping[Category, int]) -> str:
+    parts = sorted(((b, c) for c, b in split.items() if b > 0), key=lambda bc: -bc[0])
+    return ", ".join(f"{c.value} {format_bytes(b)}" for b, c in parts)
+
+
+def _excess(limit: int, value: int) -> str:
+    return f"{format_bytes(value - limit, signed=True)}, {format_percent((value - limit) / limit)}"
+
+
+def check_budget(report: StepReport, budget: Budget) -> list[Overrun]:
+    """Every way ``report`` breaks ``budget`` (empty when it fits; a peak equal to the budget fits)."""
+    overruns: list[Overrun] = []
+    if budget.total is not None:
+        if budget.kind == "reserved":
+            reserved = report.reserved_peak
+            if reserved is None:
+                raise BudgetError(
+                    f"kind='reserved' needs reserved-memory figures, which the {report.backend} backend does not have; "
+                    "use the cuda or emulated backend"
+                )
+            if reserved > budget.total:
+                overruns.append(Overrun(
+                    f"gpu_budget {format_bytes(budget.total)} (reserved) exceeded: reserved peak {format_bytes(reserved)} "
+                    f"({_excess(budget.total, reserved)})",
+                    reserved - budget.total,
+                ))
+        elif report.peak > budget.total:
+            overruns.append(Overrun(
+                f"gpu_budget {format_bytes(budget.total)} exceeded: peak {format_bytes(report.peak)} "
+                f"({_excess(budget.total, report.peak)}) during {report.peak_phase.value}; {_mix(report.peak_split)}",
+                report.peak - budget.total,
+            ))
+    for category, limit in budget.categories.items():
+        value = report.category_peak(category)
+        if value > limit:
+            phase = _phase_of_category_peak(report, category)
+            overruns.append(Overrun(
+                f"gpu_budget {category.value}={format_bytes(limit)} exceeded: {category.value} peaked at "
+                f"{format_bytes(value)} ({_excess(limit, value)}) during {phase}",
+                value - limit,
+            ))
+    return overruns
+
+
+def _phase_of_category_peak(report: StepReport, category: Category) -> str:
+    best = max(
+        ((ps.peak_split.get(category, 0), s.index, ps.phase.value) for s in report.steps for ps in s.phases.values()),
+        key=lambda t: (t[0], -t[1]),
+    )
+    return best[2]
+
+
+def headroom(report: StepReport, budget: Budget | None) -> float | None:
+    """Fraction of the total budget left unused (negative when over), None without a total."""
+    if budget is None or budget.total is None:
+        return None
+    value = report.reserved_peak if budget.kind == "reserved" else report.peak
+    if value is None:
+        return None
+    return (budget.total - value) / budget.total

@@ -1,0 +1,403 @@
+"""pytest glue only: options, the gpu_budget marker, the gpumem fixture, report hooks, xdist.
+
+Nothing here measures: the fixture calls the step runner, ``budget`` checks, ``report`` renders.
+One ``Manager`` per run holds the results keyed by test nodeid; workers send theirs to the xdist
+controller on the test report (``report.gpumem``), so both print the same table.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from . import budget as budgets
+from .backends import BACKENDS, Backend, cuda_device_for_worker, make_backend
+from .categories import CATEGORIES, Category
+from .report import SummaryRow, summary_table
+from .results import StepReport
+from .step import OutOfMemory, StepFailed, measure_step, track
+from .units import format_bytes, parse_bytes
+
+MARKER = "gpu_budget"
+_STATE = pytest.StashKey["TestState"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gpumem", "GPU memory budgets (pytest-gpumem)")
+    group.addoption("--gpumem-report", action="store_true", default=None,
+                    help="print a table of measured tests: budget, peak, headroom, split by category (-v: per phase)")
+    group.addoption("--gpumem-backend", default=None, choices=BACKENDS,
+                    help="where bytes come from: auto (cuda if a GPU is present, else emulated), cuda, cpu, emulated")
+    group.addoption("--gpumem-default-budget", default=None, metavar="SIZE",
+                    help="budget for tests that use the gpumem fixture without a gpu_budget marker, e.g. 2GiB")
+    group.addoption("--gpumem-rtol", default=None, metavar="FRACTION",
+                    help="fail a measured test whose peak or any category differs from the estimate by more than "
+                         "this fraction (e.g. 0.05); 'off' disables the check")
+    parser.addini("gpumem_report", type="bool", default=False, help="same as --gpumem-report")
+    parser.addini("gpumem_backend", default="auto", help="same as --gpumem-backend")
+    parser.addini("gpumem_default_budget", default="", help="same as --gpumem-default-budget")
+    parser.addini("gpumem_rtol", default="off", help="same as --gpumem-rtol")
+    with contextlib.suppress(ImportError):
+        from .gating import add_gating_options
+
+        add_gating_options(parser)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    with contextlib.suppress(ImportError):
+        from . import hookspecs
+
+        pluginmanager.add_hookspecs(hookspecs)
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    """CLI value when given, else the ini value (CLI defaults are None so ini options are honoured)."""
+    value = config.getoption(f"--gpumem-{name.replace('_', '-')}")
+    return value if value is not None else config.getini(f"gpumem_{name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{budgets.MARKER_SIGNATURE}: fail the test when the GPU memory of the training step it measures "
+        "(gpumem fixture) exceeds the budget; sizes like '2GB' (10^9) or '2GiB' (2^30)",
+    )
+    config.pluginmanager.register(Manager(config), "gpumem-manager")
+
+
+@dataclass
+class TestState:
+    """What one test measured, kept on the item until its report is made."""
+
+    budget: budgets.Budget | None
+    backend_name: str
+    reports: list[StepReport] = field(default_factory=list)
+    estimates: list[Any] = field(default_factory=list)
+    trackers: list[Any] = field(default_factory=list)
+    max_batch: int | None = None
+
+
+class Manager:
+    """Per-run state and every pytest hook of the plugin."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: dict[str, dict[str, Any]] = {}
+        self.backend_name = str(_option(config, "backend") or "auto")
+        if self.backend_name not in BACKENDS:
+            raise pytest.UsageError(f"gpumem_backend = {self.backend_name!r}: expected one of {', '.join(BACKENDS)}")
+        default = _option(config, "default_budget") or None
+        try:
+            self.default_budget = budgets.Budget(total=parse_bytes(default)) if default else None
+        except ValueError as exc:
+            raise pytest.UsageError(f"--gpumem-default-budget / gpumem_default_budget: {exc}") from None
+        self.rtol = _parse_rtol(_option(config, "rtol"))
+        self.report_enabled = bool(_option(config, "report"))
+        self.gating = None
+        with contextlib.suppress(ImportError):
+            from .gating import GatingPlugin
+
+            self.gating = GatingPlugin(config)
+
+    # -- collection --------------------------------------------------------------------------
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        problems = []
+        for item in items:
+            marker = item.get_closest_marker(MARKER)
+            if marker is None:
+                continue
+            try:
+                budgets.budget_from_marker(marker.args, marker.kwargs)
+            except budgets.BudgetError as exc:
+                problems.append(f"{item.nodeid}: {MARKER}: {exc}")
+        if problems:
+            raise pytest.UsageError("invalid gpu_budget marker arguments:\n  " + "\n  ".join(problems))
+
+    def state_for(self, item: pytest.Item) -> TestState:
+        state = item.stash.get(_STATE, None)
+        if state is None:
+            marker = item.get_closest_marker(MARKER)
+            budget = budgets.budget_from_marker(marker.args, marker.kwargs) if marker else self.default_budget
+            backend = (budget.backend if budget and budget.backend else None) or self.backend_name
+            state = TestState(budget, backend)
+            item.stash[_STATE] = state
+        return state
+
+    # -- running -----------------------------------------------------------------------------
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        state = item.stash.get(_STATE, None)
+        marker = item.get_closest_marker(MARKER)
+        if state is None and marker is not None and report.when == "call":
+            state = self.state_for(item)
+        if state is None:
+            return
+        try:
+            if report.when == "call":
+                self._judge(item, call, report, state)
+            elif report.when == "teardown":
+                self._judge_leak(report, state)
+        except Exception:  # a bug here must never hide the user's own result
+            report.sections.append(("gpumem internal error", traceback.format_exc()))
+
+    def _judge(self, item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport, state: TestState) -> None:
+        verbose = self.config.getoption("verbose") > 0
+        failures: list[str] = []
+        excinfo = call.excinfo
+        if excinfo is not None and isinstance(excinfo.value, StepFailed) and excinfo.value.partial is not None:
+            state.reports.append(excinfo.value.partial)
+            if isinstance(excinfo.value, OutOfMemory):
+                failures.append(f"gpu_budget: {excinfo.value.args[0]}")
+                traceback.clear_frames(excinfo.tb)  # drop the step's tensors so the next test starts clean
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if report.passed:
+            if state.budget is not None and not state.budget.is_empty and not state.reports:
+                failures.append(
+                    f"{MARKER} is set but the test measured nothing: call gpumem.train_step(model, optimizer, batch) "
+                    "or run the step inside `with gpumem.track(...)` so there is something to check"
+                )
+            for step_report in state.reports:
+                if state.budget is not None:
+                    try:
+                        failures.extend(o.sentence for o in budgets.check_budget(step_report, state.budget))
+                    except budgets.BudgetError as exc:
+                        failures.append(f"{MARKER}: {exc}")
+            failures.extend(self._contradictions(state))
+        record = self._record(item, state, report)
+        if report.passed and self.gating is not None and record is not None:
+            sentence = self.gating.check(item.nodeid, record)
+            if sentence:
+                failures.append(sentence)
+        if state.reports:
+            peak_report = max(state.reports, key=lambda r: r.peak)
+            report.sections.append(("gpumem", peak_report.table(verbose=verbose)))
+        if failures and (report.passed or isinstance(getattr(excinfo, "value", None), OutOfMemory)):
+            report.outcome = "failed"
+            report.longrepr = "\n".join(failures)
+        if record is not None:
+            record["outcome"] = report.outcome
+            report.gpumem = record  # travels to the xdist controller with the report
+            report.user_properties.extend(_junit_properties(record))
+
+    def _contradictions(self, state: TestState) -> list[str]:
+        rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
+        if rtol is None or not state.estimates:
+            return []
+        from .contradiction import compare
+
+        out = []
+        for step_report, estimate in zip(state.reports, state.estimates):
+            result = compare(step_report, estimate, rtol)
+            if not result.ok:
+                out.append(result.message)
+        return out
+
+    def _record(self, item: pytest.Item, state: TestState, report: pytest.TestReport) -> dict[str, Any] | None:
+        if not state.reports:
+            return None
+        peak_report = max(state.reports, key=lambda r: r.peak)
+        estimate = None
+        if state.estimates:
+            estimate = state.estimates[state.reports.index(peak_report)] if len(state.estimates) == len(state.reports) else None
+        return {
+            "nodeid": item.nodeid,
+            "outcome": report.outcome,
+            "budget": state.budget.to_dict() if state.budget is not None else None,
+            "report": peak_report.to_dict(),
+            "estimate": estimate.to_dict() if estimate is not None and hasattr(estimate, "to_dict") else None,
+            "max_batch": state.max_batch,
+            "measurements": len(state.reports),
+        }
+
+    def _judge_leak(self, report: pytest.TestReport, state: TestState) -> None:
+        if not state.trackers:
+            return
+        gc.collect()
+        leaked = sum(t.live_bytes() for t in state.trackers)
+        report.gpumem_leak = leaked
+        if leaked:
+            report.sections.append(("gpumem leak", f"{format_bytes(leaked)} of memory measured in this test is still allocated after it ended"))
+        limit = state.budget.leak if state.budget is not None else None
+        if limit is not None and leaked > limit and report.passed:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"gpu_budget leak={format_bytes(limit)} exceeded: {format_bytes(leaked)} measured in the test is still "
+                "allocated after it ended (something keeps a reference to the model, optimizer, batch or outputs)"
+            )
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = getattr(report, "gpumem", None)
+        if record is not None and report.when == "call":
+            self.records[report.nodeid] = dict(record)
+        leak = getattr(report, "gpumem_leak", None)
+        if leak is not None and report.nodeid in self.records:
+            self.records[report.nodeid]["leak_bytes"] = leak
+
+    # -- end of session ----------------------------------------------------------------------
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.gating is not None and self.records:
+            self.gating.finish(self.records)
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
+        if self.gating is not None:
+            for warning in self.gating.warnings():
+                terminalreporter.write_line(f"gpumem warning: {warning}", yellow=True)
+        if not self.report_enabled:
+            return
+        terminalreporter.section("gpumem report")
+        if not self.records:
+            terminalreporter.write_line(
+                "no test measured GPU memory (use the gpumem fixture: gpumem.train_step(...) or gpumem.track(...))"
+            )
+            return
+        verbose = config.getoption("verbose") > 0
+        rows, phases = [], {}
+        for nodeid in sorted(self.records):
+            rows.append(_summary_row(self.records[nodeid]))
+            if verbose:
+                rep = StepReport.from_dict(self.records[nodeid]["report"])
+                phases[nodeid] = [
+                    (f"{s.label}/{p.phase.value}", p.peak) for s in rep.steps for p in s.phases.values()
+                ]
+        terminalreporter.write_line(summary_table(rows, phases=phases))
+
+
+def _summary_row(record: dict[str, Any]) -> SummaryRow:
+    rep = StepReport.from_dict(record["report"])
+    budget = record.get("budget") or {}
+    total = budget.get("total_bytes")
+    value = rep.reserved_peak if budget.get("kind") == "reserved" else rep.peak
+    head = (total - value) / total if total and value is not None else None
+    return SummaryRow(
+        nodeid=record["nodeid"], backend=rep.backend, budget=total, peak=rep.peak, headroom=head,
+        peak_phase=rep.peak_phase.value, split=rep.peak_split, max_batch=record.get("max_batch"),
+        status="FAILED" if record.get("outcome") == "failed" else "ok",
+    )
+
+
+def _junit_properties(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    rep = record["report"]
+    props = [("gpumem_peak_bytes", rep["peak_bytes"]), ("gpumem_backend", rep["backend"]),
+             ("gpumem_peak_phase", rep["peak_phase"])]
+    props += [(f"gpumem_{c.value}_bytes", rep["peak_split"][c.value]) for c in CATEGORIES]
+    if rep.get("reserved_peak_bytes") is not None:
+        props.append(("gpumem_reserved_peak_bytes", rep["reserved_peak_bytes"]))
+    if record.get("budget") and record["budget"].get("total_bytes") is not None:
+        props.append(("gpumem_budget_bytes", record["budget"]["total_bytes"]))
+    return props
+
+
+def _parse_rtol(value: Any) -> float | None:
+    if value is None or str(value).strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        rtol = float(str(value).strip().rstrip("%")) / (100 if str(value).strip().endswith("%") else 1)
+    except ValueError:
+        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol = {value!r}: expected a fraction such as 0.05, 5%, or 'off'") from None
+    if rtol < 0:
+        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol = {value!r}: must not be negative")
+    return rtol
+
+
+class GpuMem:
+    """The ``gpumem`` fixture: where to build tensors, and ways to measure a training step."""
+
+    def __init__(self, manager: Manager, item: pytest.Item) -> None:
+        self._manager = manager
+        self._item = item
+        self._state = manager.state_for(item)
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
+        self._backend_factory = lambda: make_backend(self._state.backend_name, cuda_device=cuda_device)
+        probe = self._backend_factory()
+        #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
+        self.device: torch.device = probe.device
+        #: the backend measuring this test: 'cuda', 'cpu' or 'emulated'
+        self.backend: str = probe.name
+
+    @property
+    def reports(self) -> list[StepReport]:
+        """Every StepReport this test produced, in order."""
+        return list(self._state.reports)
+
+    def _backend(self) -> Backend:
+        return self._backend_factory()
+
+    def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
+        """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
+        self._maybe_estimate(model, optimizer, batch, loss_fn, target, kwargs)
+        backend = self._backend()
+        try:
+            report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
+        finally:
+            self._state.trackers.extend(backend.trackers)
+        self._state.reports.append(report)
+        return report
+
+    def _maybe_estimate(self, model, optimizer, batch, loss_fn, target, kwargs) -> None:
+        budget = self._state.budget
+        rtol = budget.rtol if budget is not None and budget.rtol is not None else self._manager.rtol
+        if rtol is None:
+            return
+        from .estimate import estimate_step
+
+        device = "cpu" if self.backend == "cpu" else "cuda"
+        hook = self._item.config.hook
+        self._state.estimates.append(
+            estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
+                          hook=hook, **{k: v for k, v in kwargs.items() if k in ("steps", "set_to_none")})
+        )
+
+    @contextlib.contextmanager
+    def track(self, model=None, optimizer=None, batch=None):
+        """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
+        backend = self._backend()
+        with track(model, optimizer, batch, backend=backend) as handle:
+            self._state.trackers.extend(backend.trackers)
+            yield handle
+        self._state.reports.append(handle.report)
+
+    def fuzz(self, *args, **kwargs):
+        """Property-check the user's model family with hypothesis (see ``pytest_gpumem.fuzz.fuzz``)."""
+        from .fuzz import fuzz
+
+        kwargs.setdefault("backend", self.backend)
+        if self._state.budget is not None and self._state.budget.total is not None:
+            kwargs.setdefault("budget", self._state.budget.total)
+        kwargs.setdefault("on_example", self._state.reports.append)
+        return fuzz(*args, **kwargs)
+
+    def max_batch_size(self, *args, **kwargs) -> int:
+        """Largest batch whose peak fits ``safety x budget`` (budget defaults to the test's)."""
+        from .advisor import max_batch_size
+
+        kwargs.setdefault("backend", self.backend)
+        if "budget" not in kwargs and self._state.budget is not None and self._state.budget.total is not None:
+            kwargs["budget"] = self._state.budget.total
+        value = max_batch_size(*args, **kwargs)
+        self._state.max_batch = value
+        return value
+
+    def summary(self, model, batch, **kwargs) -> str:
+        """Per-layer table: output shape, params, activation bytes, formula or traced."""
+        from .summary import summary
+
+        kwargs.setdefault("device", "cpu" if self.backend == "cpu" else "cuda")
+        return summary(model, batch, **kwargs)
+
+
+@pytest.fixture
+def gpumem(request: pytest.FixtureRequest) -> Iterator[GpuMem]:
+    """Measure training steps of this test against its gpu_budget (see GpuMem)."""
+    manager: Manager = request.config.pluginmanager.get_plugin("gpumem-manager")
+    handle = GpuMem(manager, request.node)
+    yield handle
