@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 from .categories import Category, Phase
+from .contradiction import assert_matches_estimate, compare
+from .estimate import Estimate, LayerEstimate, estimate_step
 from .results import PhaseStats, StepMeasurement, StepReport
 from .step import OutOfMemory, StepFailed, measure_step, track
+from .summary import summary
 from .units import format_bytes, parse_bytes
 
 __all__ = [
     "Category",
+    "Estimate",
+    "LayerEstimate",
+    "assert_matches_estimate",
+    "compare",
+    "estimate_step",
+    "summary",
     "OutOfMemory",
     "Phase",
     "PhaseStats",

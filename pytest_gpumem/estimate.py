@@ -1,0 +1,688 @@
+"""Analytical estimate of a training step's memory: from structure and shapes, no real kernels.
+
+Layers are found by running a meta-device twin of the model under forward hooks and
+``saved_tensors_hooks``: each call's saved bytes come from a pluggy hook answer, else the formula
+registry (``formulas.py``), else what the call itself saved on meta ("traced"). Saved storages are
+deduplicated; parameters and the batch are not activations. A peak model then replays the step
+(forward accumulates saved tensors, backward frees them in reverse while gradients appear, the
+optimizer creates its state and temporaries, zero_grad frees the grads) with the CUDA allocator's
+512-B rounding when ``device="cuda"``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import formulas, hookspecs
+from .allocator import round_allocation
+from .categories import CATEGORIES, PHASES, Category, Phase
+from .optimizer_state import is_foreach, rule_for, state_bytes_on
+from .results import split_to_dict
+from .units import format_bytes
+
+META = torch.device("meta")
+
+
+class _PluginManager(pluggy.PluginManager):
+    """A PluginManager that also accepts unmarked ``pytest_gpumem_*`` functions (as conftest.py files have them)."""
+
+    def parse_hookimpl_opts(self, plugin, name):  # noqa: D401 - pluggy's override point
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith("pytest_gpumem_") and callable(getattr(plugin, name, None)):
+            return {}
+        return opts
+
+
+#: Hook implementations registered here are asked before the built-in formulas (pytest-free use).
+plugin_manager = _PluginManager(hookspecs.PROJECT)
+plugin_manager.add_hookspecs(hookspecs)
+
+
+def register_formulas(obj: Any) -> Any:
+    """Register a module or object whose ``pytest_gpumem_*`` functions answer the hooks; returns it."""
+    plugin_manager.register(obj)
+    return obj
+
+
+def rounding_for(device: str) -> Callable[[int], int]:
+    """The allocator's rounding for ``device``: 512-B blocks on CUDA, raw bytes on the CPU."""
+    return round_allocation if device == "cuda" else (lambda n: n)
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """One module call (or the loss): its output shape, own parameters and bytes it saved first."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    params: int               #: parameter elements owned directly by the module (0 on a repeated call)
+    activation_bytes: int     #: bytes first saved by this call (after dedup), as the device allocates them
+    method: str               #: "formula", "traced" or "hook"
+    depth: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "type": self.type,
+            "output_shape": list(self.output_shape) if self.output_shape is not None else None,
+            "params": self.params, "activation_bytes": self.activation_bytes, "method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimated step: peak, where it falls, its category mix, per-phase peaks and per-layer figures."""
+
+    device: str
+    peak: int
+    peak_phase: Phase
+    peak_step: int
+    peak_split: dict[Category, int]
+    phases: dict[Phase, int]          #: peak per phase, over all steps
+    params: int                       #: parameters and buffers (raw bytes)
+    grads: int
+    optimizer: int
+    batch: int
+    activations: int
+    layers: tuple[LayerEstimate, ...]
+    notes: tuple[str, ...] = ()
+    step_peaks: tuple[int, ...] = ()
+    categories: dict[Category, int] = field(default_factory=dict)  #: category totals, as a dict
+    category_peaks: dict[Category, int] = field(default_factory=dict)  #: most bytes per category at any phase peak
+
+    def category_peak(self, category: Category) -> int:
+        """Like StepReport.category_peak: the most bytes ``category`` held at any phase peak."""
+        return self.category_peaks.get(category, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "peak_bytes": self.peak,
+            "peak_phase": self.peak_phase.value,
+            "peak_step": self.peak_step,
+            "peak_split": split_to_dict(self.peak_split),
+            "phases": {p.value: self.phases[p] for p in PHASES if p in self.phases},
+            "totals": {c.value: v for c, v in self.categories.items()},
+            "category_peaks": {c.value: v for c, v in self.category_peaks.items()},
+            "step_peaks": list(self.step_peaks),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """Per-category totals, the peak split and per-phase peaks, for people."""
+        lines = [f"estimate ({self.device}): peak {format_bytes(self.peak)} during {self.peak_phase.value} "
+                 f"of step {self.peak_step}"]
+        lines.append(f"{'category':<13}{'total':>14}{'at peak':>14}")
+        for c in CATEGORIES:
+            lines.append(f"{c.value:<13}{format_bytes(self.categories.get(c, 0)):>14}"
+                         f"{format_bytes(self.peak_split.get(c, 0)):>14}")
+        lines.append("phase peaks: " + ", ".join(f"{p.value} {format_bytes(v)}" for p, v in self.phases.items()))
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def __str__(self) -> str:
+        return f"Estimate({self.device}: peak {format_bytes(self.peak)} during {self.peak_phase.value})"
+
+
+# -- tracing on meta --------------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(obj)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _to_meta(obj: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: torch.empty_like(t, device=META) if isinstance(t, torch.Tensor) else t, obj)
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A deepcopy of ``model`` whose parameters and buffers are meta tensors (cheap: memo maps id -> meta)."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo:
+            continue
+        data = torch.empty_like(t.detach(), device=META)
+        memo[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+    return copy.deepcopy(model, memo)
+
+
+class _CudaDropout(TorchFunctionMode):
+    """Make functional dropout save what CUDA saves (native_dropout's bool mask) while tracing on meta."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            names = ("input", "p", "training", "inplace")
+            bound = dict(zip(names, args), **kwargs)
+            x, p = bound["input"], bound.get("p", 0.5)
+            if bound.get("training", True) and 0 < p < 1 and not bound.get("inplace", False):
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
+@dataclass
+class _Call:
+    """One module call seen while tracing (mutable while the trace runs)."""
+
+    index: int
+    name: str
+    module: nn.Module | None
+    parent: int | None
+    depth: int
+    saved: list[torch.Tensor] = field(default_factory=list)  #: what this call saved while innermost
+    children: int = 0
+    items: tuple | None = None       #: formula or hook answer
+    method: str = "traced"
+    inputs: tuple = ()
+    output: Any = None
+    end: int = 0                     #: position in the save order when the call ended
+
+
+@dataclass
+class _Trace:
+    calls: list[_Call]
+    order: list[tuple[int, torch.Tensor]]  #: (call index, saved tensor) in save order
+    param_keys: set[int]
+    batch_keys: set[int]
+    output: Any
+    loss: Any
+    twin: nn.Module
+
+
+def _ask_hook(hook: Any, module, inputs, output, device: str) -> int | None:
+    """First non-None answer of the activation hook (pluggy returns a value or a list)."""
+    if hook is None:
+        return None
+    answer = hook.pytest_gpumem_activation_bytes(module=module, inputs=inputs, output=output, device=device)
+    if isinstance(answer, list):
+        answer = next((a for a in answer if a is not None), None)
+    return answer
+
+
+def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Callable | None = None,
+               device: str = "cuda", hooks: Iterable[Any] = ()) -> _Trace:
+    """Run forward and loss on a meta twin, recording each module call and every saved tensor."""
+    from .step import call_model, default_loss
+
+    twin = meta_twin(model)
+    inputs, meta_target = _to_meta(batch), _to_meta(target)
+    calls: list[_Call] = []
+    stack: list[int] = []
+    order: list[tuple[int, torch.Tensor]] = []
+    names = {id(m): n for n, m in twin.named_modules()}
+
+    def pre(module, args):
+        parent = stack[-1] if stack else None
+        call = _Call(len(calls), names.get(id(module), "") or type(module).__name__, module, parent, len(stack))
+        if parent is not None:
+            calls[parent].children += 1
+        call.inputs = tuple(_tensors(args))
+        calls.append(call)
+        stack.append(call.index)
+
+    def post(module, args, output):
+        call = calls[stack.pop()]
+        call.output, call.end = output, len(order)
+        for h in hooks:
+            answer = _ask_hook(h, module, call.inputs, output, device)
+            if answer is not None:
+                call.items, call.method = (int(answer),), "hook"
+                return
+        fn = formulas.formula_for(module)
+        if fn is not None:
+            call.items, call.method = tuple(fn(module, call.inputs, output, device)), "formula"
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if stack:
+            calls[stack[-1]].saved.append(t)
+            order.append((stack[-1], t))
+        return t
+
+    handles = [h for m in twin.modules()
+               for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    mode = _CudaDropout() if device == "cuda" else None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if mode is not None:
+                mode.__enter__()
+            try:
+                output = call_model(twin, inputs)
+                loss_call = _Call(len(calls), "loss", None, None, 0)
+                loss_call.inputs = tuple(_tensors(output))
+                calls.append(loss_call)
+                stack.append(loss_call.index)
+                loss = (loss_fn or default_loss)(output, meta_target)
+                stack.pop()
+                loss_call.output, loss_call.end = loss, len(order)
+            finally:
+                if mode is not None:
+                    mode.__exit__(None, None, None)
+    finally:
+        for h in handles:
+            h.remove()
+    param_keys = {_storage_key(t) for t in itertools.chain(twin.parameters(), twin.buffers())}
+    batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
+    return _Trace(calls, order, param_keys, batch_keys, output, loss, twin)
+
+
+# -- from the trace to saved storages ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Save:
+    """One activation allocation: who saved it first, when, raw and allocated bytes."""
+
+    call: int
+    position: float  #: index in the save order; formula items sit at (call end - 0.5)
+    raw: int
+    alloc: int
+    key: int | None  #: storage key, None for formula-made tensors
+
+
+def _covered(calls: list[_Call]) -> list[bool]:
+    """Calls inside a call answered by a formula or hook: their bytes are the ancestor's."""
+    out = [False] * len(calls)
+    for c in calls:
+        p = c.parent
+        while p is not None:
+            if calls[p].items is not None or out[p]:
+                out[c.index] = True
+                break
+            p = calls[p].parent
+    return out
+
+
+def _saves(trace: _Trace, round_fn: Callable[[int], int]) -> tuple[list[_Save], list[bool]]:
+    """Unique activation storages in save order: params and batch excluded, a storage counted once."""
+    covered = _covered(trace.calls)
+    seen: set[int] = set()
+    out: list[_Save] = []
+
+    def add(call: _Call, t_or_n: Any, position: int) -> None:
+        if isinstance(t_or_n, torch.Tensor):
+            key = _storage_key(t_or_n)
+            if key in trace.param_keys or key in trace.batch_keys or key in seen:
+                return
+            seen.add(key)
+            raw = t_or_n.untyped_storage().nbytes()
+            out.append(_Save(call.index, position, raw, round_fn(raw), key))
+        elif isinstance(t_or_n, int) and t_or_n > 0:
+            out.append(_Save(call.index, position, int(t_or_n), round_fn(int(t_or_n)), None))
+
+    # Traced saves happen in order; a formula/hook call's items are placed where the call ended.
+    by_end: dict[int, list[_Call]] = {}
+    for c in trace.calls:
+        if c.items is not None and not covered[c.index]:
+            by_end.setdefault(c.end, []).append(c)
+    for position in range(len(trace.order) + 1):
+        for c in by_end.get(position, ()):
+            for item in c.items:
+                add(c, item, position - 0.5)
+        if position < len(trace.order):
+            index, t = trace.order[position]
+            c = trace.calls[index]
+            if c.items is None and not covered[index]:
+                add(c, t, position)
+    return out, covered
+
+
+# -- the peak model ---------------------------------------------------------------------------
+
+
+class _Live:
+    """Live bytes per category (raw and allocated) with a running peak and its split."""
+
+    def __init__(self) -> None:
+        self.raw = {c: 0 for c in CATEGORIES}
+        self.alloc = 0
+        self.peak = -1
+        self.peak_split: dict[Category, int] = {}
+
+    def add(self, category: Category, raw: int, alloc: int) -> None:
+        self.raw[category] += raw
+        self.alloc += alloc
+
+    def observe(self, extra: Iterable[tuple[Category, int, int]] = ()) -> None:
+        """Take the current live bytes (plus transient ``extra``) as a peak candidate."""
+        raw = dict(self.raw)
+        alloc = self.alloc
+        for c, r, a in extra:
+            raw[c] += r
+            alloc += a
+        if alloc > self.peak:
+            raw[Category.OTHER] += alloc - sum(raw.values())
+            self.peak, self.peak_split = alloc, raw
+
+    def start_phase(self) -> None:
+        self.peak = -1
+        self.observe()
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """A call that runs kernels itself (no accounted child): where gradients flow in backward."""
+
+    position: float    #: call end - 0.25: after the call's own saves
+    in_raw: int
+    out_raw: int
+    out_new: int        #: forward transient: output bytes not saved by anyone yet
+    in_live: int        #: forward transient: unsaved, non-batch input bytes alive during the call
+    grad_raw: tuple[int, ...]  #: param grads that appear when this call's backward runs
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]]) -> list[_Leaf]:
+    """The leaf calls in forward order with the sizes the peak model needs."""
+    accounted_children = {c.parent for c in trace.calls if not covered[c.index] and c.parent is not None}
+    saved_by_position: list[tuple[int, int | None]] = [(s.position, s.key) for s in saves]
+    leaves = []
+    leaf_calls = [c.index for c in trace.calls
+                  if not covered[c.index] and c.index not in accounted_children and _tensors(c.output)]
+    for target in list(grads_of):
+        if target not in leaf_calls:  # a container's parameters: their grads appear at its last leaf
+            inside = [i for i in leaf_calls if _has_ancestor(trace.calls, i, target)]
+            if inside:
+                grads_of.setdefault(inside[-1], []).extend(grads_of.pop(target))
+    for c in trace.calls:
+        if c.index not in leaf_calls:
+            continue
+        outs = _tensors(c.output)
+        if not outs:
+            continue
+        out, x = outs[0], (c.inputs[0] if c.inputs else None)
+        saved_now = {k for pos, k in saved_by_position if pos <= c.end and k is not None}
+        out_key = _storage_key(out)
+        in_key = _storage_key(x) if x is not None else None
+        in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
+        out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
+        in_live = _nbytes(x) if (in_needs and in_key not in saved_now and in_key not in trace.batch_keys) else 0
+        leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
+                            out_new, in_live, tuple(grads_of.pop(c.index, ()))))
+    return leaves
+
+
+def _has_ancestor(calls: list[_Call], index: int, ancestor: int) -> bool:
+    p = calls[index].parent
+    while p is not None:
+        if p == ancestor:
+            return True
+        p = calls[p].parent
+    return False
+
+
+def _param_grads_by_call(trace: _Trace, covered: list[bool], model: nn.Module) -> dict[int, list[int]]:
+    """Bytes of each trainable parameter's grad, attached to the last accounted call that used its module
+    (backward reaches the last use first, and the grad appears there)."""
+    owner: dict[int, int] = {}
+    # Shallow calls first, deeper ones override (a parameter belongs to the innermost call holding it);
+    # among equally deep calls the later one wins (backward meets the last use first).
+    for c in sorted(trace.calls, key=lambda c: (c.depth, c.index)):
+        if c.module is None:
+            continue
+        target = c.index
+        while covered[target]:
+            target = trace.calls[target].parent  # type: ignore[assignment]
+        for p in c.module.parameters():
+            if p.requires_grad:
+                owner[id(p)] = target
+    out: dict[int, list[int]] = {}
+    for p in trace.twin.parameters():
+        if p.requires_grad and id(p) in owner:
+            out.setdefault(owner[id(p)], []).append(_nbytes(p))
+    # A container's own parameters used by its children: attach to the container's last leaf.
+    return out
+
+
+def estimate_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    batch: Any,
+    *,
+    loss_fn: Callable | None = None,
+    target: Any = None,
+    device: str = "cuda",
+    steps: int = 2,
+    set_to_none: bool = True,
+    hook: Any = None,
+) -> Estimate:
+    """Estimate peak and per-category bytes of ``steps`` training steps on ``device`` ("cuda" or "cpu")."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    rnd = rounding_for(device)
+    hooks = [h for h in (hook, plugin_manager.hook) if h is not None]
+    trace = trace_step(model, batch, target=target, loss_fn=loss_fn, device=device, hooks=hooks)
+    saves, covered = _saves(trace, rnd)
+    notes: list[str] = []
+
+    # -- static totals
+    tensors_pb = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        tensors_pb[id(t)] = t
+    params_raw = sum(_nbytes(t) for t in tensors_pb.values())
+    params_alloc = sum(rnd(_nbytes(t)) for t in tensors_pb.values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads_raw = sum(_nbytes(p) for p in trainable)
+    grads_alloc = sum(rnd(_nbytes(p)) for p in trainable)
+    batch_tensors = {_storage_key(t): t for t in _tensors((batch, target))}
+    batch_raw = sum(t.untyped_storage().nbytes() for t in batch_tensors.values())
+    batch_alloc = sum(rnd(t.untyped_storage().nbytes()) for t in batch_tensors.values())
+    act_raw = sum(s.raw for s in saves)
+
+    opt_raw, opt_alloc, temps, eager = _optimizer_figures(optimizer, device, rnd, hooks, notes)
+
+    grads_of = _param_grads_by_call(trace, covered, trace.twin)
+    leaves = _leaves(trace, saves, covered, grads_of)
+    outs = _tensors(trace.output)
+    out_key = _storage_key(outs[0]) if outs else None
+    saved_keys = {s.key for s in saves}
+    out_keep = sum(_nbytes(t) for t in outs if _storage_key(t) not in saved_keys | trace.batch_keys)
+    loss_raw = sum(_nbytes(t) for t in _tensors(trace.loss))
+    del out_key
+
+    live = _Live()
+    phase_peaks: dict[Phase, int] = {}
+    step_peaks: list[int] = []
+    best: tuple[int, Phase, int, dict[Category, int]] | None = None
+    T = Category.TEMPORARIES
+
+    category_peaks = {c: 0 for c in CATEGORIES}
+
+    def close(step: int, phase: Phase) -> None:
+        nonlocal best
+        for c, v in live.peak_split.items():
+            category_peaks[c] = max(category_peaks[c], v)
+        phase_peaks[phase] = max(phase_peaks.get(phase, 0), live.peak)
+        if best is None or live.peak > best[0]:
+            best = (live.peak, phase, step, live.peak_split)
+
+    for step in range(steps):
+        step_start = len(step_peaks)
+        peaks_this_step = []
+        if step == 0:
+            live.start_phase()
+            live.add(Category.PARAMS, params_raw, params_alloc)
+            if eager:
+                live.add(Category.OPTIMIZER, opt_raw, opt_alloc)
+            live.observe()
+            close(0, Phase.SETUP)
+            peaks_this_step.append(live.peak)
+            live.start_phase()
+            live.add(Category.BATCH, batch_raw, batch_alloc)
+            live.observe()
+            close(0, Phase.BATCH)
+            peaks_this_step.append(live.peak)
+        grads_present = step > 0 and not set_to_none
+
+        # forward: saved tensors accumulate; each leaf's unsaved output/input is a transient
+        live.start_phase()
+        save_iter = iter(saves)
+        pending = next(save_iter, None)
+        for leaf in leaves:
+            while pending is not None and pending.position <= leaf.position:
+                live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
+                pending = next(save_iter, None)
+            live.observe([(T, leaf.out_new + leaf.in_live, rnd(leaf.out_new) + rnd(leaf.in_live))])
+        while pending is not None:
+            live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
+            pending = next(save_iter, None)
+        live.add(T, out_keep + loss_raw, rnd(out_keep) + rnd(loss_raw))
+        live.observe()
+        close(step, Phase.FORWARD)
+        peaks_this_step.append(live.peak)
+
+        # backward: reverse sweep; a storage is freed once the sweep passes its first save
+        live.start_phase()
+        seed = loss_raw
+        live.add(T, seed, rnd(seed))
+        remaining = sorted(saves, key=lambda s: s.position)
+        for i in range(len(leaves) - 1, -1, -1):
+            leaf = leaves[i]
+            new_grads = [] if grads_present else list(leaf.grad_raw)
+            accum = list(leaf.grad_raw) if grads_present else []
+            extra = [(T, leaf.out_raw, rnd(leaf.out_raw)), (T, leaf.in_raw, rnd(leaf.in_raw))]
+            extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
+            live.observe(extra)
+            for g in new_grads:
+                live.add(Category.GRADS, g, rnd(g))
+            threshold = leaves[i - 1].position if i > 0 else float("-inf")
+            while remaining and remaining[-1].position > threshold:
+                s = remaining.pop()
+                live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
+        while remaining:
+            s = remaining.pop()
+            live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
+        live.add(T, -(out_keep + loss_raw + seed), -(rnd(out_keep) + rnd(loss_raw) + rnd(seed)))
+        # grads of trainable params no leaf owned (e.g. used only by functional code in a container)
+        missing = grads_raw - live.raw[Category.GRADS]
+        if missing > 0:
+            live.add(Category.GRADS, missing, missing if device == "cpu" else rnd(missing))
+        live.observe()
+        close(step, Phase.BACKWARD)
+        peaks_this_step.append(live.peak)
+
+        # optimizer: lazy state on the first step, then temporaries
+        live.start_phase()
+        if step == 0 and not eager:
+            live.add(Category.OPTIMIZER, opt_raw, opt_alloc)
+        live.observe([(T, temps, temps)])
+        close(step, Phase.OPTIMIZER)
+        peaks_this_step.append(live.peak)
+
+        # zero_grad: set_to_none frees the grads
+        live.start_phase()
+        if set_to_none:
+            live.add(Category.GRADS, -live.raw[Category.GRADS], -(grads_alloc if device == "cuda" else grads_raw))
+        close(step, Phase.ZERO_GRAD)
+        peaks_this_step.append(live.peak)
+        step_peaks.append(max(peaks_this_step))
+        del step_start
+
+    assert best is not None
+    peak, peak_phase, peak_step, peak_split = best
+    layers = _layer_table(trace, saves, covered)
+    categories = {
+        Category.PARAMS: params_raw, Category.GRADS: grads_raw, Category.OPTIMIZER: opt_raw,
+        Category.BATCH: batch_raw, Category.ACTIVATIONS: act_raw,
+    }
+    return Estimate(
+        device=device, peak=peak, peak_phase=peak_phase, peak_step=peak_step, peak_split=peak_split,
+        phases=phase_peaks, params=params_raw, grads=grads_raw, optimizer=opt_raw, batch=batch_raw,
+        activations=act_raw, layers=layers, notes=tuple(notes), step_peaks=tuple(step_peaks),
+        categories=categories, category_peaks=category_peaks,
+    )
+
+
+def _optimizer_figures(optimizer, device: str, rnd, hooks, notes: list[str]) -> tuple[int, int, int, bool]:
+    """(raw state bytes, allocated state bytes, peak step() temporaries, eager?) of ``optimizer`` on ``device``."""
+    if optimizer is None:
+        return 0, 0, 0, False
+    rule = rule_for(optimizer)
+    raw = alloc = temps = 0
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        for p in params:
+            answer = None
+            for h in hooks:
+                answer = h.pytest_gpumem_optimizer_state_bytes(optimizer=optimizer, param=p, device=device)
+                if isinstance(answer, list):
+                    answer = next((a for a in answer if a is not None), None)
+                if answer is not None:
+                    break
+            if answer is not None:
+                raw, alloc = raw + int(answer), alloc + rnd(int(answer))
+            elif rule is not None:
+                r, a = state_bytes_on(rule.state(group, p), device, rnd)
+                raw, alloc = raw + r, alloc + a
+        if rule is not None:
+            sizes = [rnd(_nbytes(p)) for p in params]
+            temps = max(temps, rule.temporaries(group, sizes, is_foreach(group, device)))
+    if rule is None:
+        notes.append(f"no optimizer rule for {type(optimizer).__name__}: its state is not estimated "
+                     "(implement pytest_gpumem_optimizer_state_bytes)")
+    return raw, alloc, temps, bool(rule and rule.eager)
+
+
+def _layer_table(trace: _Trace, saves: list[_Save], covered: list[bool]) -> tuple[LayerEstimate, ...]:
+    """One LayerEstimate per accounted call, in call order; repeated modules appear once per call."""
+    by_call: dict[int, int] = {}
+    for s in saves:
+        by_call[s.call] = by_call.get(s.call, 0) + s.alloc
+    seen_modules: set[int] = set()
+    rows = []
+    for c in trace.calls:
+        if covered[c.index]:
+            continue
+        params = 0
+        if c.module is not None and id(c.module) not in seen_modules:
+            seen_modules.add(id(c.module))
+            params = sum(p.numel() for p in c.module.parameters(recurse=c.items is not None))
+        outs = _tensors(c.output)
+        shape = tuple(outs[0].shape) if outs else None
+        type_name = type(c.module).__name__ if c.module is not None else "loss"
+        rows.append(LayerEstimate(c.name, type_name, shape, params, by_call.get(c.index, 0), c.method, c.depth))
+    return tuple(rows)
+
+
+# -- model-state rules of thumb ---------------------------------------------------------------
+
+#: Bytes per parameter of the model state (params + grads + optimizer state) for common recipes.
+#: mixed_adam: fp16 params (2) + fp16 grads (2) + fp32 master params, exp_avg, exp_avg_sq (4+4+4) = 16 (ZeRO paper).
+MODEL_STATE_RECIPES: dict[str, int] = {
+    "fp32_adam": 4 + 4 + 8,      # params + grads + two fp32 moments
+    "fp32_sgd": 4 + 4,           # params + grads (no momentum)
+    "fp32_sgd_momentum": 4 + 4 + 4,
+    "mixed_adam": 2 + 2 + 12,
+    "bf16_adam": 2 + 2 + 4,      # pure bf16 training, bf16 moments
+}
+
+
+def model_state_bytes(n_params: int, recipe: str = "mixed_adam") -> int:
+    """Bytes of params + grads + optimizer state for ``n_params`` parameters under ``recipe``."""
+    try:
+        return n_params * MODEL_STATE_RECIPES[recipe]
+    except KeyError:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(MODEL_STATE_RECIPES)}") from None
