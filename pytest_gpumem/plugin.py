@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -186,7 +187,11 @@ class Manager:
         if record is not None:
             record["outcome"] = report.outcome
             report.gpumem = record  # travels to the xdist controller with the report
-            report.user_properties.extend(_junit_properties(record))
+            properties = _junit_properties(record)
+            report.user_properties.extend(properties)
+            # junitxml writes the properties of the *teardown* report, which copies item.user_properties
+            # (the call report holds its own copy, so extending only it never reached the XML)
+            item.user_properties.extend(properties)
 
     def _contradictions(self, state: TestState) -> list[str]:
         rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
@@ -208,7 +213,9 @@ class Manager:
         estimate = None
         if state.estimates:
             estimate = state.estimates[state.reports.index(peak_report)] if len(state.estimates) == len(state.reports) else None
-        return {
+        # plain JSON types only: the record travels to the xdist controller through execnet, which refuses
+        # str subclasses such as torch.__version__ (TorchVersion) and crashes the worker
+        return _plain({
             "nodeid": item.nodeid,
             "outcome": report.outcome,
             "budget": state.budget.to_dict() if state.budget is not None else None,
@@ -216,7 +223,7 @@ class Manager:
             "estimate": estimate.to_dict() if estimate is not None and hasattr(estimate, "to_dict") else None,
             "max_batch": state.max_batch,
             "measurements": len(state.reports),
-        }
+        })
 
     def _judge_leak(self, report: pytest.TestReport, state: TestState) -> None:
         if not state.trackers:
@@ -244,7 +251,7 @@ class Manager:
 
     # -- end of session ----------------------------------------------------------------------
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.gating is not None and self.records:
+        if self.gating is not None:
             self.gating.finish(self.records)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -271,6 +278,11 @@ class Manager:
         terminalreporter.write_line(summary_table(rows, phases=phases))
 
 
+def _plain(data: Any) -> Any:
+    """``data`` as plain JSON types (str subclasses -> str, tuples -> lists), safe for execnet and JSON."""
+    return json.loads(json.dumps(data, default=str))
+
+
 def _summary_row(record: dict[str, Any]) -> SummaryRow:
     rep = StepReport.from_dict(record["report"])
     budget = record.get("budget") or {}
@@ -280,7 +292,7 @@ def _summary_row(record: dict[str, Any]) -> SummaryRow:
     return SummaryRow(
         nodeid=record["nodeid"], backend=rep.backend, budget=total, peak=rep.peak, headroom=head,
         peak_phase=rep.peak_phase.value, split=rep.peak_split, max_batch=record.get("max_batch"),
-        status="FAILED" if record.get("outcome") == "failed" else "ok",
+        status="FAILED" if record.get("outcome") == "failed" else "ok", kind=budget.get("kind") or "allocated",
     )
 
 
@@ -337,11 +349,17 @@ class GpuMem:
         self._maybe_estimate(model, optimizer, batch, loss_fn, target, kwargs)
         backend = self._backend()
         try:
-            report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
+            with self._snapshot(backend):
+                report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
         finally:
             self._state.trackers.extend(backend.trackers)
         self._state.reports.append(report)
         return report
+
+    def _snapshot(self, backend: Backend) -> contextlib.AbstractContextManager:
+        """--gpumem-snapshot: record the CUDA allocator's history around the measurement."""
+        gating = self._manager.gating
+        return gating.snapshot(self._item.nodeid, backend.name) if gating is not None else contextlib.nullcontext()
 
     def _maybe_estimate(self, model, optimizer, batch, loss_fn, target, kwargs) -> None:
         budget = self._state.budget
@@ -361,7 +379,7 @@ class GpuMem:
     def track(self, model=None, optimizer=None, batch=None):
         """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
         backend = self._backend()
-        with track(model, optimizer, batch, backend=backend) as handle:
+        with self._snapshot(backend), track(model, optimizer, batch, backend=backend) as handle:
             self._state.trackers.extend(backend.trackers)
             yield handle
         self._state.reports.append(handle.report)

@@ -1,0 +1,28 @@
+"""Shared test setup: hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "ci")."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from hypothesis import settings
+
+# ci: few examples, same examples on every run (derandomize) so a red CI is reproducible, no database.
+# No deadline: CI runners are shared 2-core machines where a training step's wall time varies several-fold
+# with the neighbours' load; our properties are about bytes, and a deadline there would only add flakes.
+settings.register_profile("ci", max_examples=20, derandomize=True, database=None, deadline=None,
+                          print_blob=True)
+# dev: many random examples for a local hunt. A 2 s deadline flags a strategy whose examples got so large
+# that one training step takes seconds (the largest default configs take well under 1 s on the CPU).
+settings.register_profile("dev", max_examples=200, deadline=timedelta(seconds=2))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# pytester's in-process runs drop modules first imported inside them; torch registers operator libraries
+# on import and refuses a second registration, so import what a training step pulls in once, up front.
+import torch  # noqa: E402,F401
+import torch.optim  # noqa: E402,F401
+import torchvision  # noqa: E402,F401
+
+try:
+    import torch._inductor.test_operators  # noqa: E402,F401
+except ImportError:  # pragma: no cover - not present on every torch release
+    pass
