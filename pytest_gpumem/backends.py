@@ -74,6 +74,16 @@ class Backend:
         """Context the forward and backward passes run in (the emulated backend patches kernels)."""
         return contextlib.nullcontext()
 
+    def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
+        """Context optimizer.step() runs in (the emulated backend picks CUDA's default implementation)."""
+        return contextlib.nullcontext()
+
+    def grad_scaler(self, scaler):
+        """The GradScaler to use on this backend for the user's ``scaler`` (True: a default one)."""
+        if scaler is True:
+            return torch.amp.GradScaler(self.device.type)
+        return scaler
+
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         """Turn replayed phases into the reported per-phase figures."""
         return [
@@ -106,11 +116,28 @@ class EmulatedBackend(Backend):
         return "cuda (emulated on meta tensors)"
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        try:
-            from . import emulation  # kernel substitutions that make meta save what CUDA saves
-        except ImportError:  # pragma: no cover - during development only
-            return contextlib.nullcontext()
+        from . import emulation  # kernel substitutions that make meta save what CUDA saves
+
         return emulation.cuda_semantics()
+
+    def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
+        from . import emulation
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(emulation.cuda_semantics())
+        stack.enter_context(emulation.predict_cuda_optimizer(optimizer))
+        return stack
+
+    def grad_scaler(self, scaler):
+        """A real GradScaler disables itself without a GPU; the emulated one runs its kernels on meta."""
+        from . import emulation
+
+        if scaler is None:
+            return None
+        if not isinstance(scaler, emulation.EmulatedGradScaler):
+            self.notes.append("GradScaler replaced by EmulatedGradScaler (same kernels, on meta tensors)")
+            return emulation.EmulatedGradScaler()
+        return scaler
 
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         model = CachingAllocatorModel()

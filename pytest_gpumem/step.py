@@ -245,6 +245,7 @@ def measure_step(
                 be.set_foreign_baseline(session.tracker.live_bytes())
             session.phase(0, Phase.BATCH)
             inputs, target = session.place_batch((batch, target))
+            scaler = be.grad_scaler(scaler)
             for index in range(steps):
                 _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
     except StepFailed:
@@ -277,11 +278,12 @@ def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_
         (scaler.scale(loss) if scaler is not None else loss).backward()
         del output, loss
     session.phase(index, Phase.OPTIMIZER)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    with session.backend.optimizer_context(optimizer):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     session.phase(index, Phase.ZERO_GRAD)
     optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -318,7 +320,8 @@ def track(
         cur_step, cur_phase = session.current
         if phase is Phase.FORWARD and cur_phase in (Phase.OPTIMIZER, Phase.ZERO_GRAD):
             step[0] += 1
-        if (step[0], phase) != session.current and not (phase is Phase.FORWARD and cur_phase is Phase.BACKWARD):
+        recomputing = phase is Phase.FORWARD and torch._C._current_graph_task_id() != -1  # checkpoint replay
+        if (step[0], phase) != session.current and not recomputing:
             session.phase(step[0], phase)
 
     def on_dispatch() -> None:
