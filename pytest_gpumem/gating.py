@@ -29,8 +29,8 @@ OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
      "not run are kept"),
     ("--gpumem-baseline", "gpumem_baseline", False, "compare every measured test with this saved baseline"),
     ("--gpumem-fail-regression", "gpumem_fail_regression", False,
-     "fail tests that grew past these limits vs --gpumem-baseline, e.g. '5%', '+64MiB', "
-     "'5%,activations:10%,+64MiB'"),
+     "fail tests that grew past these limits vs --gpumem-baseline, e.g. '5%%', '+64MiB', "
+     "'5%%,activations:10%%,+64MiB'"),
     ("--gpumem-allow-baseline-mismatch", "gpumem_allow_baseline_mismatch", True,
      "compare with a baseline saved on another backend or device instead of refusing it"),
     ("--gpumem-fail-missing", "gpumem_fail_missing", True,
