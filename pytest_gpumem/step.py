@@ -180,7 +180,7 @@ class Session:
         return StepReport(
             backend=self.backend.name,
             device=self.backend.describe(),
-            torch_version=torch.__version__,
+            torch_version=str(torch.__version__),
             cuda_version=torch.version.cuda,
             steps=tuple(steps),
             notes=tuple(self.backend.notes),
