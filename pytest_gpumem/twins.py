@@ -6,6 +6,7 @@ copy costs only the new tensors (nothing at all on the meta device).
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from typing import Any
 
@@ -53,24 +54,42 @@ def optimizer_twin(optimizer: torch.optim.Optimizer, mapping: dict[int, torch.Te
         new_group["params"] = [mapping[id(p)] for p in group["params"]]
         groups.append(new_group)
     try:
-        twin = type(optimizer)(groups, **optimizer.defaults)
+        twin = type(optimizer)(groups, **_constructor_defaults(optimizer))
     except TypeError as exc:
         raise TypeError(
             f"pytest-gpumem could not rebuild {type(optimizer).__name__} for the {device.type} device "
             f"({exc}); create the model and optimizer on gpumem.device instead"
         ) from exc
+    on_device = {  # fused and capturable optimizers keep their 'step' counters on the device
+        id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]
+    }
     for param, state in optimizer.state.items():
         new_param = mapping[id(param)]
-        # the CPU 'step' counters of non-capturable optimizers stay on the CPU, as they would on a GPU
-        twin.state[new_param] = {k: _move_state(v, device) for k, v in state.items()}
+        keep_scalars = id(param) not in on_device
+        twin.state[new_param] = {k: _move_state(v, device, keep_scalars) for k, v in state.items()}
     return twin
 
 
-def _move_state(value: Any, device: torch.device) -> Any:
-    """Move per-parameter state; scalar CPU tensors (the 'step' counter) stay where they are."""
+def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's defaults that its constructor accepts.
+
+    ``defaults`` may hold keys the constructor does not take (AdamW adds ``decoupled_weight_decay``
+    after calling ``Adam.__init__``); the param groups carry every key anyway.
+    """
+    try:
+        params = inspect.signature(type(optimizer).__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - C-implemented or odd signatures
+        return dict(optimizer.defaults)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(optimizer.defaults)
+    return {k: v for k, v in optimizer.defaults.items() if k in params}
+
+
+def _move_state(value: Any, device: torch.device, keep_cpu_scalars: bool = True) -> Any:
+    """Move per-parameter state; scalar CPU tensors (non-capturable 'step' counters) stay on the CPU."""
     if not isinstance(value, torch.Tensor):
         return value
-    if value.device.type == "cpu" and value.dim() == 0:
+    if keep_cpu_scalars and value.device.type == "cpu" and value.dim() == 0:
         return value.clone()
     return move_tensor(value, device)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 #: Multipliers of the accepted units. SI units are powers of 10, IEC units powers of 2.
 UNITS: dict[str, int] = {
@@ -20,12 +20,24 @@ ACCEPTED = (
 _SIZE = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exp>[+-]?[0-9]+))?\s*(?P<unit>[A-Za-z]*)\s*$")
 
 
-def parse_bytes(value: object) -> int:
+#: Largest decimal exponent accepted ("1e30B" is fine; "1e999999B" is a typo, not a budget).
+MAX_EXPONENT = 30
+
+
+def parse_bytes(value: object, *, allow_zero: bool = True) -> int:
     """Return the number of bytes ``value`` names ("2GB" -> 2_000_000_000, "2GiB" -> 2*2**30).
 
     Raises ``ValueError`` naming the input and the accepted forms for anything else
-    (negative, NaN, infinite, bits, unknown units, trailing text).
+    (negative, NaN, infinite, bits, unknown units, trailing text), and for zero when
+    ``allow_zero`` is false (a budget of nothing; ``leak="0B"`` passes the default).
     """
+    nbytes = _parse(value)
+    if nbytes == 0 and not allow_zero:
+        raise ValueError(f"invalid byte size {value!r}: must be positive; expected {ACCEPTED}")
+    return nbytes
+
+
+def _parse(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"invalid byte size {value!r}: expected {ACCEPTED}")
     if isinstance(value, int):
@@ -45,15 +57,13 @@ def parse_bytes(value: object) -> int:
     if unit not in UNITS:
         hint = " (a lowercase 'b' means bits; use 'B' for bytes)" if unit.endswith("b") else ""
         raise ValueError(f"invalid byte size {value!r}: unknown unit {unit!r}{hint}; expected {ACCEPTED}")
-    try:
-        number = Decimal(match.group("num"))
-        if match.group("exp"):
-            number = number.scaleb(int(match.group("exp")))
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
-        raise ValueError(f"invalid byte size {value!r}: expected {ACCEPTED}") from exc
-    total = number * UNITS[unit]
+    exponent = int(match.group("exp") or 0)
+    if abs(exponent) > MAX_EXPONENT:
+        raise ValueError(f"invalid byte size {value!r}: exponent out of range; expected {ACCEPTED}")
+    # Exact rational arithmetic: Decimal's default 28-digit context would round long numbers.
+    total = Fraction(match.group("num")) * Fraction(10) ** exponent * UNITS[unit]
     # Fractions of a byte round up: a budget of "1.5 B" cannot admit 1 byte more than asked.
-    return int(total.to_integral_value(rounding="ROUND_CEILING"))
+    return math.ceil(total)
 
 
 _IEC = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))

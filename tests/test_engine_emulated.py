@@ -1,0 +1,150 @@
+"""The emulated backend: CUDA figures predicted on meta tensors, checked against closed forms and the cpu backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_gpumem import Category, Phase, StepFailed, measure_step
+from pytest_gpumem.allocator import SMALL_SEGMENT, round_allocation
+
+F32 = 4
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def cnn_bn_dropout(channels=8, side=16, p=0.25):
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.Dropout(p),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * (side // 2) ** 2, 10),
+    )
+
+
+def resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def make(make_model, shape, optimizer="adamw", **opt_kwargs):
+    torch.manual_seed(0)
+    model = make_model()
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **opt_kwargs)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **opt_kwargs)
+    return model, opt, torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+
+
+# -- closed forms ------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+def test_categories_equal_closed_form_sums(optimizer):
+    model, opt, x, y = make(mlp, (16, 128), optimizer)
+    params = list(model.parameters())
+    report = measure_step(model, opt, x, target=y, backend="emulated")
+    p = nbytes(params)
+    # Adam(W)'s 'step' counters stay on the CPU when the params are on a GPU: no device bytes
+    opt_bytes = 2 * p if optimizer == "adamw" else p
+    assert report.category_peak(Category.PARAMS) == p
+    assert report.category_peak(Category.GRADS) == p
+    assert report.category_peak(Category.OPTIMIZER) == opt_bytes
+    assert report.category_peak(Category.BATCH) == nbytes((x, y))
+    # allocated figures are the allocator's: every storage rounded to 512 B blocks, the surplus 'other'
+    rounded = sum(round_allocation(t.numel() * t.element_size()) for t in params)
+    setup = report.steps[0].phases[Phase.SETUP]
+    assert setup.retained == rounded
+    assert setup.retained_split[Category.OTHER] == rounded - p
+    end = report.steps[-1].phases[Phase.ZERO_GRAD]
+    state_rounded = (2 if optimizer == "adamw" else 1) * rounded
+    assert end.retained == rounded + state_rounded + round_allocation(nbytes([x])) + round_allocation(nbytes([y]))
+
+
+def test_reserved_is_whole_segments_and_covers_the_peak():
+    report = measure_step(*make(mlp, (16, 128))[:3], backend="emulated")
+    assert report.reserved_peak is not None
+    assert report.reserved_peak >= report.peak
+    assert report.reserved_peak % SMALL_SEGMENT == 0
+
+
+def test_the_users_objects_are_not_touched():
+    model, opt, x, y = make(mlp, (16, 128))
+    before = [p.detach().clone() for p in model.parameters()]
+    measure_step(model, opt, x, target=y, backend="emulated")
+    assert all(p.device.type == "cpu" and p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(opt.state) == 0
+
+
+# -- emulated vs cpu ---------------------------------------------------------------------------
+def dropout_elements(model, shape) -> int:
+    """Elements entering each Dropout: worked out from the shapes of this file's CNN."""
+    channels = model[0].out_channels
+    return shape[0] * channels * shape[2] * shape[3]
+
+
+CASES = {
+    "mlp": (mlp, (16, 128)),
+    "cnn_bn_dropout": (cnn_bn_dropout, (8, 3, 16, 16)),
+    "resnet18": (resnet18, (4, 3, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_emulated_agrees_with_cpu_within_one_percent(case):
+    make_model, shape = CASES[case]
+    # foreach=True on both: emulation predicts CUDA's default (foreach) while the CPU default is a loop;
+    # like is compared with like
+    model, opt, x, y = make(make_model, shape, foreach=True)
+    emulated = measure_step(model, opt, x, target=y, backend="emulated")
+    model, opt, x, y = make(make_model, shape, foreach=True)
+    cpu = measure_step(model, opt, x, target=y, backend="cpu")
+
+    emulated_raw = emulated.peak - emulated.peak_split[Category.OTHER]  # without the 512-B rounding
+    if case != "cnn_bn_dropout":
+        assert emulated_raw == pytest.approx(cpu.peak, rel=0.01)
+        return
+    # Dropout in training: CUDA runs native_dropout and saves a 1 B/elem bool mask; the CPU kernel saves
+    # a float32 noise tensor (4 B/elem). Emulation saves what CUDA saves, so while the mask is alive the
+    # emulated activations are 3 B/elem smaller; exactly that, after the forward:
+    n = dropout_elements(model, shape)
+    cpu_act = cpu.steps[-1].phases[Phase.FORWARD].retained_split[Category.ACTIVATIONS]
+    emu_act = emulated.steps[-1].phases[Phase.FORWARD].retained_split[Category.ACTIVATIONS]
+    assert cpu_act - emu_act == (F32 - 1) * n
+    # and the peaks agree once that difference is added back (the peak falls while the mask is alive)
+    assert emulated_raw + (F32 - 1) * n == pytest.approx(cpu.peak, rel=0.01)
+
+
+# -- failures ----------------------------------------------------------------------------------
+class ItemInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        scale = x.abs().max().item()  # a value: meta tensors have none
+        return self.linear(x) / scale
+
+
+def test_data_dependent_op_fails_naming_the_op_and_the_way_out():
+    model = ItemInForward()
+    with pytest.raises(StepFailed) as info:
+        measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="emulated")
+    message = str(info.value)
+    assert "forward of step 0" in message
+    assert "item()" in message
+    assert "_local_scalar_dense" in message
+    assert "backend='cpu'" in message
+    # what was measured before the failure travels with it
+    assert info.value.partial is not None
+    assert info.value.partial.steps[0].phases[Phase.SETUP].retained_split[Category.PARAMS] == nbytes(model.parameters())
+
+
+def test_the_same_model_runs_on_the_cpu_backend():
+    model = ItemInForward()
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="cpu")
+    assert report.category_peak(Category.GRADS) == nbytes(model.parameters())
