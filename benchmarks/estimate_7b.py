@@ -67,15 +67,18 @@ def main() -> None:
     # Warm-up on a toy config: torch imports its meta kernels (torch._refs, decompositions) on first use,
     # a one-time cost of the process, not of the estimate.
     with torch.device("meta"):
-        toy = Decoder(vocab=64, d=32, layers=1, heads=2, hidden=64)
+        toy = Decoder(vocab=64, d=32, layers=2, heads=2, hidden=64)
     toy_tokens = torch.zeros(1, 8, dtype=torch.long, device="meta")
     estimate_step(toy, torch.optim.AdamW(toy.parameters()), (toy_tokens,), target=toy_tokens, loss_fn=loss_fn)
 
+    # Time without tracemalloc (it slows every Python allocation several-fold), then measure memory in a
+    # second run under tracemalloc; ru_maxrss growth covers both runs.
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
     t0 = time.perf_counter()
     est = estimate_step(model, optimizer, (tokens,), target=target, loss_fn=loss_fn, device="cuda")
     wall = time.perf_counter() - t0
+    tracemalloc.start()
+    estimate_step(model, optimizer, (tokens,), target=target, loss_fn=loss_fn, device="cuda")
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # ru_maxrss is KiB on Linux
@@ -87,7 +90,8 @@ def main() -> None:
     print(est.table())
     print(f"fp32 AdamW model state (params + grads + 2 moments): "
           f"{format_bytes(est.params + est.grads + est.optimizer)} = {(est.params + est.grads + est.optimizer) / n:.2f} B/param")
-    print(f"mixed-precision Adam model state (16 B/param, ZeRO): {format_bytes(model_state_bytes(n))}")
+    print(f"mixed-precision Adam model state (16 B/param, ZeRO): {format_bytes(model_state_bytes(n))} "
+          f"= {model_state_bytes(n) / n:.0f} B/param")
 
 
 if __name__ == "__main__":

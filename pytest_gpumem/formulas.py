@@ -35,8 +35,16 @@ def activation_formula(*types: type) -> Callable[[Formula], Formula]:
     return register
 
 
-def formula_for(module: nn.Module) -> Formula | None:
-    """The formula registered for ``module``'s class or its nearest registered base class."""
+#: Layers whose op autocast runs in the low-precision dtype: under autocast they save cast copies (the
+#: input's, and the weight's from autocast's cache) whose storages only the trace knows, so they are traced.
+AUTOCAST_TRACED: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def formula_for(module: nn.Module, *, autocast: bool = False) -> Formula | None:
+    """The formula registered for ``module``'s class or its nearest registered base class (None under
+    ``autocast`` for the layers of :data:`AUTOCAST_TRACED`)."""
+    if autocast and isinstance(module, AUTOCAST_TRACED):
+        return None
     for cls in type(module).__mro__:
         if cls in ACTIVATION_FORMULAS:
             return ACTIVATION_FORMULAS[cls]

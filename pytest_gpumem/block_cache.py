@@ -1,0 +1,345 @@
+"""Trace each distinct repeated block once: a 32-layer transformer runs one block's meta kernels, not 32.
+
+While the estimate traces a model on meta tensors, a module that occurs more than once with the same
+structure (class, attributes, parameter shapes, recursively) is a *block*. Its first call with a given
+*signature* (the block's structure plus its inputs' shapes, strides, dtypes, aliasing and
+``requires_grad``, plus grad mode and autocast state) runs for real and is kept as a :class:`Template`:
+the calls it made, the tensors each call saved, and, for every storage involved, where it came from (an
+input, a parameter or buffer by name, a storage the call created, or one that existed before). A later
+call with the same signature is *replayed*: calls and saves are copied with the block's own modules and
+parameters, and created storages are fresh meta storages of the same sizes, so deduplication by
+storage works exactly as if the block had run. Saved bytes are shapes only, so replay is exact as long as
+the block's forward depends on nothing outside its signature (a global flag read in ``forward`` is not
+seen; turn reuse off with ``estimate_step(..., reuse_blocks=False)`` for such models).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+META = torch.device("meta")
+_PRIMITIVES = (int, float, str, bool, type(None), torch.dtype, torch.device)
+#: attributes every nn.Module has (hook dicts, registries); they say nothing about what forward computes
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _value_signature(v: Any) -> Any:
+    """Primitives (and tuples of them) by value, anything else by identity (shared objects stay shared)."""
+    if isinstance(v, _PRIMITIVES):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v):
+        return (type(v).__name__, tuple(v))
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), tuple(v.shape), v.dtype, v.requires_grad)
+    return ("object", id(v))
+
+
+def module_signature(module: nn.Module) -> tuple:
+    """What a module's forward can depend on besides its inputs: per submodule, class, attributes, tensors."""
+    parts = []
+    for name, sub in module.named_modules(remove_duplicate=False):
+        attrs = tuple(sorted((k, _value_signature(v)) for k, v in vars(sub).items()
+                             if k not in _MODULE_INTERNALS and k != "forward"))
+        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False))
+        buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False))
+        parts.append((name, type(sub), attrs, params, buffers))
+    return tuple(parts)
+
+
+def _call_signature(args: tuple, kwargs: dict) -> tuple[tuple, list[Any]]:
+    """(hashable signature of the call's arguments and global modes, the flattened argument leaves)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    first_of: dict[int, int] = {}
+    parts: list[Any] = []
+    for i, v in enumerate(leaves):
+        if isinstance(v, torch.Tensor):
+            alias = first_of.setdefault(_key(v), i)  # which earlier argument shares this storage
+            parts.append(("t", tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, v.device.type,
+                          v.requires_grad, alias))
+        else:
+            parts.append(_value_signature(v))
+    modes = (torch.is_grad_enabled(),
+             *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")))
+    return (str(spec), tuple(parts), modes), leaves
+
+
+class _NewStorages(TorchDispatchMode):
+    """Storages first seen as an op's output while active: the ones the traced call created."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before: set[int] = set()
+        self.created: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat, _ = tree_flatten((args, kwargs or {}))
+        for t in flat:
+            if isinstance(t, torch.Tensor) and _key(t) not in self.created:
+                self.before.add(_key(t))
+        out = func(*args, **(kwargs or {}))
+        if func is not torch.ops.aten.set_.source_Storage_storage_offset:  # set_ re-points, creates nothing
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and _key(t) not in self.before:
+                    self.created.add(_key(t))
+        return out
+
+
+@dataclass(frozen=True)
+class _Desc:
+    """How to rebuild one template tensor in a replay: a view of slot ``slot``'s storage."""
+
+    slot: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    requires_grad: bool
+    exact: bool  #: the slot's own tensor object (an argument or parameter as passed), not a new view
+
+
+@dataclass
+class Template:
+    """One recorded block call: its nested calls and saves, and where each storage came from."""
+
+    name: str
+    depth: int
+    first_call: int
+    first_save: int
+    children: int
+    calls: list[Any]                        #: the tracer's call records made inside the block, in order
+    order: list[tuple[int, torch.Tensor]]   #: (call index, saved tensor) made inside the block
+    saved: list[torch.Tensor]               #: what the block call itself saved while innermost
+    output: Any
+    paths: dict[int, str]                   #: id(submodule) -> its path inside the block
+    #: per slot: ("arg", leaf index) | ("param", name) | ("fixed", tensor) | ("new", nbytes)
+    slots: list[tuple[str, Any]] = field(default_factory=list)
+    descs: dict[int, _Desc] = field(default_factory=dict)  #: id(template tensor) -> how to rebuild it
+
+
+class _Outputs(torch.autograd.Function):
+    """Makes replayed outputs non-leaf tensors that require grad (so later in-place ops are allowed)."""
+
+    @staticmethod
+    def forward(ctx, anchor, build):  # noqa: D102
+        return build()
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: D102  (never run: estimates do not backpropagate)
+        return None, None
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+class BlockCache:
+    """Wraps the forward of every repeated module of a traced model with record-or-replay.
+
+    ``tracer`` must expose ``calls`` (records with index, name, module, parent, depth, saved, children,
+    items, method, inputs, output, end), ``stack`` (indices of the calls running) and ``order``
+    (call index, saved tensor) and a ``new_call(**fields)`` factory.
+    """
+
+    def __init__(self, model: nn.Module, tracer: Any) -> None:
+        self.tracer = tracer
+        self.templates: dict[tuple, Template] = {}
+        self.hits = 0
+        self.records = 0
+        self._undo: list[Callable[[], None]] = []
+        signatures = {}
+        for m in model.modules():
+            if m is model or not any(True for _ in m.children()):
+                continue
+            if len(m._forward_hooks) > 1 or len(m._forward_pre_hooks) > 1:
+                continue  # a user's hook would be skipped by a replay
+            signatures[m] = module_signature(m)
+        counts: dict[tuple, int] = {}
+        for sig in signatures.values():
+            counts[sig] = counts.get(sig, 0) + 1
+        self._module_sig: dict[int, tuple] = {}
+        for m, sig in signatures.items():
+            if counts[sig] > 1:
+                self._module_sig[id(m)] = sig
+                self._wrap(m)
+
+    @property
+    def wrapped(self) -> int:
+        return len(self._module_sig)
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def _wrap(self, module: nn.Module) -> None:
+        had = "forward" in vars(module)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            return self._call(module, original, args, kwargs)
+
+        module.forward = forward  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if had:
+                module.forward = original  # type: ignore[method-assign]
+            else:
+                vars(module).pop("forward", None)
+
+        self._undo.append(undo)
+
+    # -- record or replay ----------------------------------------------------------------------
+    def _call(self, module: nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        tr = self.tracer
+        if not tr.stack or tr.calls[tr.stack[-1]].module is not module:
+            return original(*args, **kwargs)  # called without the tracer's hooks: nothing to record
+        sig, leaves = _call_signature(args, kwargs)
+        key = (self._module_sig[id(module)], sig)
+        template = self.templates.get(key)
+        if template is not None:
+            self.hits += 1
+            return self._replay(template, module, leaves)
+        first_call, first_save = tr.stack[-1], len(tr.order)
+        with _NewStorages() as seen:
+            output = original(*args, **kwargs)
+        self.records += 1
+        self.templates[key] = self._record(module, leaves, output, first_call, first_save, seen.created)
+        return output
+
+    def _record(self, module: nn.Module, leaves: list[Any], output: Any, first_call: int, first_save: int,
+                created: set[int]) -> Template:
+        tr = self.tracer
+        block = tr.calls[first_call]
+        t = Template(block.name, block.depth, first_call, first_save, block.children,
+                     list(tr.calls[first_call + 1:]), list(tr.order[first_save:]), list(block.saved), output,
+                     {id(m): n for n, m in module.named_modules(remove_duplicate=False)})
+        slot_of: dict[int, int] = {}
+        exact: dict[int, int] = {}
+
+        def add_slot(tensor: torch.Tensor, kind: str, value: Any, is_exact: bool) -> None:
+            k = _key(tensor)
+            if k not in slot_of:
+                slot_of[k] = len(t.slots)
+                t.slots.append((kind, value))
+                if is_exact:
+                    exact[id(tensor)] = slot_of[k]
+
+        for i, v in enumerate(leaves):
+            if isinstance(v, torch.Tensor):
+                add_slot(v, "arg", i, True)
+        named = itertools.chain(module.named_parameters(remove_duplicate=False),
+                                module.named_buffers(remove_duplicate=False))
+        for name, p in named:
+            add_slot(p, "param", name, True)
+
+        def describe(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor) or id(x) in t.descs:
+                return x
+            k = _key(x)
+            if k not in slot_of:
+                if k in created:
+                    add_slot(x, "new", x.untyped_storage().nbytes(), False)
+                else:
+                    add_slot(x, "fixed", x, True)
+            t.descs[id(x)] = _Desc(slot_of[k], x.dtype, tuple(x.shape), x.stride(), x.storage_offset(),
+                                   x.requires_grad, exact.get(id(x)) == slot_of[k])
+            return x
+
+        tree_map(describe, output)
+        for c in t.calls:
+            for obj in (c.inputs, c.output, c.saved, c.items or ()):
+                tree_map(describe, obj)
+        for _, x in t.order:
+            describe(x)
+        for x in t.saved:
+            describe(x)
+        return t
+
+    def _replay(self, t: Template, module: nn.Module, leaves: list[Any]) -> Any:
+        tr = self.tracer
+        block_index = tr.stack[-1]
+        block = tr.calls[block_index]
+        assert block_index == len(tr.calls) - 1, "a replayed block must be the latest call"
+        by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
+                                       module.named_buffers(remove_duplicate=False)))
+        bases: list[torch.Tensor] = []
+        for kind, value in t.slots:
+            if kind == "arg":
+                bases.append(leaves[value])
+            elif kind == "param":
+                bases.append(by_name[value])
+            elif kind == "fixed":
+                bases.append(value)
+            else:
+                bases.append(torch.empty(value, dtype=torch.uint8, device=META))
+        made: dict[int, torch.Tensor] = {}
+
+        def make(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            new = made.get(id(x))
+            if new is None:
+                d = t.descs[id(x)]
+                new = bases[d.slot]
+                if not d.exact:
+                    with torch.no_grad():
+                        new = torch.empty(0, dtype=d.dtype, device=META).set_(
+                            new.untyped_storage(), d.offset, d.size, d.stride)
+                    if d.requires_grad:
+                        new.requires_grad_()
+                made[id(x)] = new
+            return new
+
+        # outputs first: the ones that require grad come out of an autograd node, as real outputs do
+        out_leaves, spec = tree_flatten(t.output)
+        fresh = [x for x in out_leaves if isinstance(x, torch.Tensor) and x.requires_grad
+                 and not t.descs[id(x)].exact]
+        if fresh:
+            plain = [dict(vars(t.descs[id(x)])) for x in fresh]
+
+            def build() -> tuple[torch.Tensor, ...]:
+                outs = []
+                for d in plain:
+                    base = bases[d["slot"]]
+                    outs.append(torch.empty(0, dtype=d["dtype"], device=META).set_(
+                        base.untyped_storage(), d["offset"], d["size"], d["stride"]))
+                return tuple(outs)
+
+            anchor = torch.empty(0, device=META, requires_grad=True)
+            for x, new in zip(fresh, _Outputs.apply(anchor, build)):
+                made[id(x)] = new
+        output = tree_unflatten([make(x) for x in out_leaves], spec)
+
+        shift_call = block_index - t.first_call
+        shift_save = len(tr.order) - t.first_save
+        modules = dict(module.named_modules(remove_duplicate=False))
+        for c in t.calls:
+            new = tr.new_call(
+                index=c.index + shift_call,
+                name=block.name + c.name[len(t.name):] if c.name.startswith(t.name) else c.name,
+                module=modules.get(t.paths.get(id(c.module), ""), None) if c.module is not None else None,
+                parent=c.parent + shift_call if c.parent is not None else None,
+                depth=c.depth - t.depth + block.depth,
+                saved=[make(x) for x in c.saved],
+                children=c.children,
+                items=tuple(make(x) for x in c.items) if c.items is not None else None,
+                method=c.method,
+                inputs=tuple(make(x) for x in c.inputs),
+                output=tree_map(make, c.output),
+                end=c.end + shift_save,
+            )
+            tr.calls.append(new)
+        tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
+        block.saved.extend(make(x) for x in t.saved)
+        block.children = t.children
+        return output
