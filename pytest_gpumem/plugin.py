@@ -108,17 +108,25 @@ class Manager:
 
     # -- collection --------------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        problems = []
+        """Bad gpu_budget arguments become collection errors naming the test and the value.
+
+        A collection error (rather than a UsageError) also works inside xdist workers, and stops the
+        run the way ``--strict-markers`` does.
+        """
+        keep = []
         for item in items:
             marker = item.get_closest_marker(MARKER)
-            if marker is None:
-                continue
             try:
-                budgets.budget_from_marker(marker.args, marker.kwargs)
+                if marker is not None:
+                    budgets.budget_from_marker(marker.args, marker.kwargs)
             except budgets.BudgetError as exc:
-                problems.append(f"{item.nodeid}: {MARKER}: {exc}")
-        if problems:
-            raise pytest.UsageError("invalid gpu_budget marker arguments:\n  " + "\n  ".join(problems))
+                report = pytest.CollectReport(
+                    item.nodeid, "failed", f"{item.nodeid}: invalid {MARKER} marker: {exc}", []
+                )
+                self.config.hook.pytest_collectreport(report=report)
+                continue
+            keep.append(item)
+        items[:] = keep
 
     def state_for(self, item: pytest.Item) -> TestState:
         state = item.stash.get(_STATE, None)

@@ -98,13 +98,22 @@ def test_marker_is_listed_and_clean_under_strict_markers(pytester):
         ("activations='-1MB'", "activations='-1MB'"),
     ],
 )
-def test_bad_marker_arguments_are_a_usage_error_naming_test_and_value(pytester, args, shown):
+def test_bad_marker_arguments_are_a_collection_error_naming_test_and_value(pytester, args, shown):
     _inner(pytester, f"@pytest.mark.gpu_budget({args})\ndef test_bad(gpumem):\n    pass\n\ndef test_fine():\n    pass\n")
     result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*test_inner.py::test_bad: gpu_budget: {shown}*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # collection errors stop the run, as --strict-markers does
+    result.stdout.fnmatch_lines([f"*test_inner.py::test_bad: invalid gpu_budget marker: {shown}*"])
+    result.stdout.fnmatch_lines(["*1 error during collection*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_bad_marker_arguments_under_xdist_do_not_crash_workers(pytester):
+    _inner(pytester, "@pytest.mark.gpu_budget('2Gb')\ndef test_bad(gpumem):\n    pass\n\ndef test_fine():\n    pass\n")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*test_inner.py::test_bad: invalid gpu_budget marker: total='2Gb'*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert result.ret != pytest.ExitCode.OK
 
 
 # -- the fixture ---------------------------------------------------------------------------------
