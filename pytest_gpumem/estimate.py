@@ -229,6 +229,7 @@ class _Call:
     inputs: tuple = ()
     output: Any = None
     end: int = 0                     #: position in the save order when the call ended
+    region: int | None = None        #: checkpoint region this call opened (its saves are recomputed, not kept)
 
 
 @dataclass
@@ -241,6 +242,22 @@ class _Trace:
     loss: Any
     twin: nn.Module
     reused: tuple[int, int] = (0, 0)  #: (block calls replayed, block templates recorded)
+    loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
+
+
+def _top_pack_hook() -> Any:
+    """The pack function of the innermost saved-tensors hooks now active (None without any)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+    return top[0] if top else None
+
+
+def _is_checkpoint_hook(pack: Any) -> bool:
+    """torch.utils.checkpoint's (non-reentrant) pack hook: what it packs is recomputed in backward."""
+    return bool(getattr(pack, "_checkpoint_internal", False)) or "_checkpoint_hook" in getattr(pack, "__qualname__", "")
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _ask_hook(hook: Any, module, inputs, output, device: str) -> int | None:
@@ -276,7 +293,29 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     param_keys = {_storage_key(t) for t in itertools.chain(twin.parameters(), twin.buffers())}
     batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
     reused = (cache.hits, cache.records) if cache is not None else (0, 0)
-    return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused)
+    return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
+                  _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))))
+
+
+def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
+    """Parameters the loss reaches through autograd nodes made after the model's output (not via the model).
+
+    A loss closing over the user's model uses its real parameters: ``twin_of`` maps their ids to the twin's."""
+    made_by_model = [t.grad_fn._sequence_nr() for t in _tensors(output) if t.grad_fn is not None]
+    after = max(made_by_model, default=-1)
+    found: set[int] = set()
+    todo = [t.grad_fn for t in _tensors(loss) if t.grad_fn is not None]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf parameter
+            found.add(twin_of.get(id(node.variable), id(node.variable)))
+        elif node._sequence_nr() > after:
+            todo.extend(n for n, _ in node.next_functions)
+    return frozenset(found)
 
 
 class _Tracer:
@@ -290,6 +329,8 @@ class _Tracer:
         self.order: list[tuple[int, torch.Tensor]] = []
         self.names = {id(m): n for n, m in twin.named_modules()}
         self.twin = twin
+        self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
+        self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
 
     new_call = staticmethod(lambda **fields: _Call(**fields))
 
@@ -302,9 +343,19 @@ class _Tracer:
         call.inputs = tuple(_tensors(args))
         self.calls.append(call)
         self.stack.append(call.index)
+        foreign = _top_pack_hook()
+        if foreign is not None and _is_checkpoint_hook(foreign):
+            # Inside torch.utils.checkpoint: record what the call would save (backward recomputes exactly
+            # that) by putting our hook back on top until the call ends; the saves are tagged, not kept.
+            call.region = self.regions.setdefault(foreign, len(self.regions))
+            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+            hooks.__enter__()
+            self.pushed.append((call.index, hooks))
 
     def post(self, module, args, output):
         call = self.calls[self.stack.pop()]
+        if self.pushed and self.pushed[-1][0] == call.index:
+            self.pushed.pop()[1].__exit__(None, None, None)
         call.output, call.end = output, len(self.order)
         for h in self.hooks:
             answer = _ask_hook(h, module, call.inputs, output, self.device)
@@ -321,6 +372,11 @@ class _Tracer:
             self.order.append((self.stack[-1], t))
         return t
 
+    def unwind(self) -> None:
+        """Pop hooks a checkpointed call pushed and never popped (its forward raised)."""
+        while self.pushed:
+            self.pushed.pop()[1].__exit__(None, None, None)
+
     def run(self, batch: Any, target: Any, loss_fn: Callable | None, autocast_dtype: torch.dtype | None):
         """Forward and loss on meta copies of the batch; returns (output, loss, inputs, target) on meta."""
         from .step import call_model, default_loss
@@ -328,6 +384,7 @@ class _Tracer:
         inputs, meta_target = _to_meta(batch), _to_meta(target)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
+            stack.callback(self.unwind)
             if self.device == "cuda" or autocast_dtype is not None:
                 from .emulation import cuda_semantics, emulated_autocast
 
@@ -361,6 +418,7 @@ class _Save:
     raw: int
     alloc: int
     key: int | None  #: storage key, None for formula-made tensors
+    region: int | None = None  #: checkpoint region: not kept in forward, recomputed when backward reaches it
 
 
 def _covered(calls: list[_Call]) -> list[bool]:
@@ -376,22 +434,37 @@ def _covered(calls: list[_Call]) -> list[bool]:
     return out
 
 
+def regions_of(calls: list[_Call]) -> list[int | None]:
+    """Per call, the checkpoint region it runs in (its own or its nearest ancestor's), else None."""
+    out: list[int | None] = []
+    for c in calls:  # parents come before their children
+        out.append(c.region if c.region is not None else (out[c.parent] if c.parent is not None else None))
+    return out
+
+
 def _saves(trace: _Trace, round_fn: Callable[[int], int]) -> tuple[list[_Save], list[bool]]:
-    """Unique activation storages in save order: params and batch excluded, a storage counted once."""
+    """Unique activation storages in save order: params and batch excluded, a storage counted once.
+
+    A storage saved inside a checkpoint region is kept only if something outside a region saves it too
+    (e.g. the next checkpoint's input); otherwise it is a region save, recomputed in backward.
+    """
     covered = _covered(trace.calls)
+    region = regions_of(trace.calls)
+    kept = {_storage_key(t) for i, t in trace.order if region[i] is None}
     seen: set[int] = set()
     out: list[_Save] = []
 
     def add(call: _Call, t_or_n: Any, position: int) -> None:
+        r = region[call.index]
         if isinstance(t_or_n, torch.Tensor):
             key = _storage_key(t_or_n)
-            if key in trace.param_keys or key in trace.batch_keys or key in seen:
+            if key in trace.param_keys or key in trace.batch_keys or key in seen or (r is not None and key in kept):
                 return
             seen.add(key)
             raw = t_or_n.untyped_storage().nbytes()
-            out.append(_Save(call.index, position, raw, round_fn(raw), key))
+            out.append(_Save(call.index, position, raw, round_fn(raw), key, r))
         elif isinstance(t_or_n, int) and t_or_n > 0:
-            out.append(_Save(call.index, position, int(t_or_n), round_fn(int(t_or_n)), None))
+            out.append(_Save(call.index, position, int(t_or_n), round_fn(int(t_or_n)), None, r))
 
     # Traced saves happen in order; a formula/hook call's items are placed where the call ended.
     by_end: dict[int, list[_Call]] = {}
@@ -452,24 +525,29 @@ class _Leaf:
     out_new: int        #: forward transient: output bytes not saved by anyone yet
     in_live: int        #: forward transient: unsaved, non-batch input bytes alive during the call
     grad_raw: tuple[int, ...]  #: param grads that appear when this call's backward runs
+    accum_raw: tuple[int, ...] = ()  #: param grads that already exist (the loss made them) and get added to
+    region: int | None = None  #: checkpoint region: backward recomputes the region's saves on reaching it
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]]) -> list[_Leaf]:
+def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]],
+            accum_of: dict[int, list[int]]) -> list[_Leaf]:
     """The leaf calls in forward order with the sizes the peak model needs."""
     accounted_children = {c.parent for c in trace.calls if not covered[c.index] and c.parent is not None}
-    saved_by_position: list[tuple[int, int | None]] = [(s.position, s.key) for s in saves]
+    saved_by_position: list[tuple[int, int | None]] = [(s.position, s.key) for s in saves if s.region is None]
+    region = regions_of(trace.calls)
     leaves = []
     leaf_calls = [c.index for c in trace.calls
                   if not covered[c.index] and c.index not in accounted_children and _tensors(c.output)]
-    for target in list(grads_of):
-        if target not in leaf_calls:  # a container's parameters: their grads appear at its last leaf
-            inside = [i for i in leaf_calls if _has_ancestor(trace.calls, i, target)]
-            if inside:
-                grads_of.setdefault(inside[-1], []).extend(grads_of.pop(target))
+    for by_call in (grads_of, accum_of):
+        for target in list(by_call):
+            if target not in leaf_calls:  # a container's parameters: their grads appear at its last leaf
+                inside = [i for i in leaf_calls if _has_ancestor(trace.calls, i, target)]
+                if inside:
+                    by_call.setdefault(inside[-1], []).extend(by_call.pop(target))
     # Leaf calls do not nest, so their ends increase: the keys saved so far grow as a prefix of the saves.
     saved_now: set[int] = set()
     next_save = 0
@@ -486,7 +564,8 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
         in_live = _nbytes(x) if (in_needs and in_key not in saved_now and in_key not in trace.batch_keys) else 0
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
-                            out_new, in_live, tuple(grads_of.pop(c.index, ()))))
+                            out_new, in_live, tuple(grads_of.pop(c.index, ())),
+                            accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index]))
     return leaves
 
 
@@ -499,9 +578,13 @@ def _has_ancestor(calls: list[_Call], index: int, ancestor: int) -> bool:
     return False
 
 
-def _param_grads_by_call(trace: _Trace, covered: list[bool], model: nn.Module) -> dict[int, list[int]]:
+def _param_grads_by_call(trace: _Trace, covered: list[bool],
+                         model: nn.Module) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """Bytes of each trainable parameter's grad, attached to the last accounted call that used its module
-    (backward reaches the last use first, and the grad appears there)."""
+    (backward reaches the last use first, and the grad appears there); and the grads accumulated into.
+
+    A parameter the loss uses directly gets its grad at the loss (the first call backward reaches); its
+    module's call then adds to it: that call's entry in the second dict."""
     owner: dict[int, int] = {}
     # Shallow calls first, deeper ones override (a parameter belongs to the innermost call holding it);
     # among equally deep calls the later one wins (backward meets the last use first).
@@ -514,12 +597,19 @@ def _param_grads_by_call(trace: _Trace, covered: list[bool], model: nn.Module) -
         for p in c.module.parameters():
             if p.requires_grad:
                 owner[id(p)] = target
+    loss_call = next((c.index for c in reversed(trace.calls) if c.module is None and c.parent is None), None)
     out: dict[int, list[int]] = {}
+    accum: dict[int, list[int]] = {}
     for p in trace.twin.parameters():
-        if p.requires_grad and id(p) in owner:
+        if not p.requires_grad:
+            continue
+        if id(p) in trace.loss_params and loss_call is not None:
+            out.setdefault(loss_call, []).append(_nbytes(p))
+            if id(p) in owner:
+                accum.setdefault(owner[id(p)], []).append(_nbytes(p))
+        elif id(p) in owner:
             out.setdefault(owner[id(p)], []).append(_nbytes(p))
-    # A container's own parameters used by its children: attach to the container's last leaf.
-    return out
+    return out, accum
 
 
 def estimate_step(
@@ -562,20 +652,33 @@ def estimate_step(
     batch_tensors = {_storage_key(t): t for t in _tensors((batch, target))}
     batch_raw = sum(t.untyped_storage().nbytes() for t in batch_tensors.values())
     batch_alloc = sum(rnd(t.untyped_storage().nbytes()) for t in batch_tensors.values())
-    act_raw = sum(s.raw for s in saves)
+    act_raw = sum(s.raw for s in saves if s.region is None)
 
     opt_raw, opt_alloc, temps, eager = _optimizer_figures(optimizer, device, rnd, hooks, notes)
 
-    grads_of = _param_grads_by_call(trace, covered, trace.twin)
-    leaves = _leaves(trace, saves, covered, grads_of)
+    grads_of, accum_of = _param_grads_by_call(trace, covered, trace.twin)
+    leaves = _leaves(trace, saves, covered, grads_of, accum_of)
     outs = _tensors(trace.output)
     out_key = _storage_key(outs[0]) if outs else None
-    saved_keys = {s.key for s in saves}
+    saved_keys = {s.key for s in saves if s.region is None}
     out_keep = sum(_nbytes(t) for t in outs if _storage_key(t) not in saved_keys | trace.batch_keys)
     loss_raw = sum(_nbytes(t) for t in _tensors(trace.loss))
     del out_key
 
+    region_saves: dict[int, list[_Save]] = {}
+    for s in saves:
+        if s.region is not None:
+            region_saves.setdefault(s.region, []).append(s)
+
     live = _Live()
+
+    def free(s: _Save, recomputed: set[int]) -> None:
+        """Backward is past ``s``'s first save: it is freed (a region save only if it was recomputed)."""
+        if s.region is None:
+            live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
+        elif s.region in recomputed:
+            live.add(T, -s.raw, -s.alloc)
+
     phase_peaks: dict[Phase, int] = {}
     step_peaks: list[int] = []
     best: tuple[int, Phase, int, dict[Category, int]] | None = None
@@ -611,7 +714,7 @@ def estimate_step(
 
         # forward: saved tensors accumulate; each leaf's unsaved output/input is a transient
         live.start_phase()
-        save_iter = iter(saves)
+        save_iter = iter([s for s in saves if s.region is None])
         pending = next(save_iter, None)
         for leaf in leaves:
             while pending is not None and pending.position <= leaf.position:
@@ -631,8 +734,14 @@ def estimate_step(
         seed = loss_raw
         live.add(T, seed, rnd(seed))
         remaining = sorted(saves, key=lambda s: s.position)
+        recomputed: set[int] = set()
         for i in range(len(leaves) - 1, -1, -1):
             leaf = leaves[i]
+            if leaf.region is not None and leaf.region not in recomputed:
+                # checkpoint: the first unpack reruns the region's forward, which makes all its saves again
+                recomputed.add(leaf.region)
+                for s in region_saves.get(leaf.region, ()):
+                    live.add(T, s.raw, s.alloc)
             new_grads = [] if grads_present else list(leaf.grad_raw)
             accum = list(leaf.grad_raw) if grads_present else []
             extra = [(T, leaf.out_raw, rnd(leaf.out_raw)), (T, leaf.in_raw, rnd(leaf.in_raw))]
@@ -640,13 +749,15 @@ def estimate_step(
             live.observe(extra)
             for g in new_grads:
                 live.add(Category.GRADS, g, rnd(g))
+            # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution
+            # and the out-of-place sum are alive beside the old grad (measured: 2 x the parameter's bytes)
+            for g in leaf.accum_raw:
+                live.observe([(T, 2 * g, 2 * rnd(g))])
             threshold = leaves[i - 1].position if i > 0 else float("-inf")
             while remaining and remaining[-1].position > threshold:
-                s = remaining.pop()
-                live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
+                free(remaining.pop(), recomputed)
         while remaining:
-            s = remaining.pop()
-            live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
+            free(remaining.pop(), recomputed)
         live.add(T, -(out_keep + loss_raw + seed), -(rnd(out_keep) + rnd(loss_raw) + rnd(seed)))
         # grads of trainable params no leaf owned (e.g. used only by functional code in a container)
         missing = grads_raw - live.raw[Category.GRADS]
@@ -721,7 +832,7 @@ def _optimizer_figures(optimizer, device: str, rnd, hooks, notes: list[str]) -> 
 def _layer_table(trace: _Trace, saves: list[_Save], covered: list[bool]) -> tuple[LayerEstimate, ...]:
     """One LayerEstimate per accounted call, in call order; repeated modules appear once per call."""
     by_call: dict[int, int] = {}
-    for s in saves:
+    for s in (s for s in saves if s.region is None):  # a checkpoint region keeps nothing
         by_call[s.call] = by_call.get(s.call, 0) + s.alloc
     seen_modules: set[int] = set()
     rows = []
