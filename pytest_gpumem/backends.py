@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .allocator import CachingAllocatorModel, round_allocation
 from .categories import Category, Phase
 from .results import PhaseStats
-from .tracker import PhaseReplay, StorageTracker, no_rounding
+from .tracker import Kernel, PhaseReplay, StorageTracker, no_rounding
 
 BACKENDS = ("auto", "cuda", "cpu", "emulated")
 
@@ -56,8 +56,13 @@ class Backend:
         """What the figures describe, in words (goes into StepReport.device)."""
         return "cpu"
 
+    @property
+    def kernel_shortcuts(self) -> Callable[[Any], Kernel | None] | None:
+        """Cheaper equivalents of slow kernels the tracker may run instead (None: always the op itself)."""
+        return None
+
     def make_tracker(self) -> StorageTracker:
-        tracker = StorageTracker(self.tracked_device_type, self.rounding)
+        tracker = StorageTracker(self.tracked_device_type, self.rounding, self.kernel_shortcuts)
         self.trackers.append(tracker)
         return tracker
 
@@ -111,6 +116,12 @@ class EmulatedBackend(Backend):
     @property
     def rounding(self) -> Callable[[int], int]:
         return round_allocation
+
+    @property
+    def kernel_shortcuts(self) -> Callable[[Any], Kernel | None] | None:
+        from .meta_kernels import kernel_for  # exact stand-ins for torch's slowest meta kernels
+
+        return kernel_for
 
     def describe(self) -> str:
         return "cuda (emulated on meta tensors)"

@@ -339,6 +339,9 @@ def _checks_torch_function(func: Any) -> bool:
             and not _NO_TORCH_FUNCTION.keys().isdisjoint(func.__code__.co_names))
 
 
+_PASS_THROUGH: set[Any] = set()  #: callables seen not to need the mode (no substitution, not an F function)
+
+
 @functools.lru_cache(maxsize=None)
 def _transparent(func: types.FunctionType) -> types.FunctionType:
     """A copy of a python torch.nn.functional function without its own __torch_function__ check.
@@ -358,9 +361,17 @@ class _CudaSemanticsMode(TorchFunctionMode):
     def __init__(self, substitutions: list[Substitution]) -> None:
         super().__init__()
         self.chain = [s for s in substitutions if s.run is not None]
+        self.intercepted = frozenset().union(*(s.intercepts for s in self.chain))
         self.opened: set[Callable] = set()  #: F functions running as transparent copies right now
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # fast path, most calls (Tensor methods, conv2d, relu, ...): nothing to substitute or open
+        try:
+            plain = func in _PASS_THROUGH and func not in self.intercepted
+        except TypeError:  # an unhashable callable
+            plain = False
+        if plain:
+            return func(*args, **(kwargs or {}))
         return self._call(0, func, args, kwargs or {})
 
     def _call(self, start: int, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -374,6 +385,9 @@ class _CudaSemanticsMode(TorchFunctionMode):
                     return _transparent(func)(*args, **kwargs)
             finally:
                 self.opened.discard(func)
+        if not _checks_torch_function(func):
+            with contextlib.suppress(TypeError):  # unhashable callables just take the slow path
+                _PASS_THROUGH.add(func)
         return func(*args, **kwargs)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,6 +30,7 @@ _PRIORITY: dict[Category, int] = {
 }
 
 RoundFn = Callable[[int], int]
+Kernel = Callable[[Any, tuple, dict], Any]  #: (func, args, kwargs) -> what func(*args, **kwargs) returns
 
 
 def no_rounding(nbytes: int) -> int:
@@ -66,10 +67,14 @@ class StorageTracker(TorchDispatchMode):
     CUDA); categories are reported in raw bytes and the rounding surplus as ``other``.
     """
 
-    def __init__(self, device_type: str, rounding: RoundFn = no_rounding) -> None:
+    def __init__(self, device_type: str, rounding: RoundFn = no_rounding,
+                 shortcuts: Callable[[Any], Kernel | None] | None = None) -> None:
         super().__init__()
         self.device_type = device_type
         self.rounding = rounding
+        #: op -> an equivalent, cheaper kernel or None (the emulated backend's meta_kernels.kernel_for)
+        self._shortcuts = shortcuts
+        self._kernels: dict[Any, Kernel | None] = {}
         self._events: list[_Event] = []
         self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # id(storage) -> (key, size, raw, ref)
         self._next_key = 0
@@ -82,7 +87,18 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.on_dispatch is not None:
             self.on_dispatch()
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self._shortcuts is None:
+            out = func(*args, **kwargs)
+        else:
+            try:
+                kernel = self._kernels[func]
+            except KeyError:
+                kernel = self._kernels[func] = self._shortcuts(func)
+            out = func(*args, **kwargs) if kernel is None else kernel(func, args, kwargs)
+        if isinstance(out, torch.Tensor):  # most ops: skip flattening
+            self.observe(out)
+            return out
         flat, _ = tree_flatten(out)
         for item in flat:
             if isinstance(item, torch.Tensor):
