@@ -1,15 +1,25 @@
 """pytest-gpumem: GPU memory budgets for PyTorch training steps, measured on CUDA or emulated on the CPU."""
 from __future__ import annotations
 
+from . import strategies
+from .advisor import BatchAdvice, advise_batch_size, max_batch_size
 from .categories import Category, Phase
 from .contradiction import assert_matches_estimate, compare
 from .estimate import Estimate, LayerEstimate, estimate_step
+from .fuzz import FuzzFailure, FuzzResult, fuzz
 from .results import PhaseStats, StepMeasurement, StepReport
 from .step import OutOfMemory, StepFailed, measure_step, track
 from .summary import summary
 from .units import format_bytes, parse_bytes
 
 __all__ = [
+    "BatchAdvice",
+    "FuzzFailure",
+    "FuzzResult",
+    "advise_batch_size",
+    "fuzz",
+    "max_batch_size",
+    "strategies",
     "Category",
     "Estimate",
     "LayerEstimate",
