@@ -19,7 +19,7 @@ from .backends import Backend, CudaBackend, make_backend
 from .categories import PHASES, Category, Phase
 from .results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
-from .twins import model_device, model_twin, move_batch, optimizer_twin
+from .twins import device_copies, model_device, move_batch, optimizer_twin, swapped_in
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -83,6 +83,7 @@ class Session:
         self.report: StepReport | None = None
         self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._entered = False
+        self._restore = contextlib.ExitStack()  # puts the user's own tensors back into their model
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -106,7 +107,10 @@ class Session:
             self.tracker.__exit__(None, None, None)
             self._entered = False
         self.tracker.close()
-        self.report = self._build_report()
+        try:
+            self.report = self._build_report()
+        finally:
+            self._restore.close()
         return self.report
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,8 @@ class Session:
         device = self.backend.device
         current = model_device(model)
         if current is not None and current != device and not _same_device(current, device):
-            model, mapping = model_twin(model, device)
+            mapping = device_copies(model, device)
+            self._restore.enter_context(swapped_in(model, mapping))
             if optimizer is not None:
                 optimizer = optimizer_twin(optimizer, mapping, device)
         self.model, self.optimizer = model, optimizer

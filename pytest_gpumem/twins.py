@@ -1,14 +1,16 @@
-"""Copies of a model, its optimizer and a batch on another device (meta for emulation, a GPU for cuda).
+"""The user's model, optimizer and batch on another device (meta for emulation, a GPU for cuda).
 
-The user's objects are never modified: parameters are mapped through a deepcopy memo, so the
-copy costs only the new tensors (nothing at all on the meta device).
+The model's own parameters and buffers are swapped for device copies while the step runs and put
+back afterwards, so code that closes over the model (a loss adding ``sum(p.abs() for p in
+model.parameters())``) sees the copies too; the optimizer is rebuilt over the copies. On the meta
+device a copy costs nothing.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import inspect
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -29,9 +31,8 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda x: move_tensor(x, device) if isinstance(x, torch.Tensor) else x, batch)
 
 
-def model_twin(model: nn.Module, device: torch.device) -> tuple[nn.Module, dict[int, torch.Tensor]]:
-    """A copy of ``model`` whose parameters and buffers live on ``device``; also the id->new map."""
-    memo: dict[int, Any] = {}
+def device_copies(model: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
+    """id(original) -> a copy on ``device`` for every parameter (with its grad) and buffer of ``model``."""
     mapping: dict[int, torch.Tensor] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         if id(t) in mapping:
@@ -40,10 +41,26 @@ def model_twin(model: nn.Module, device: torch.device) -> tuple[nn.Module, dict[
         new = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
         if isinstance(t, nn.Parameter) and t.grad is not None:
             new.grad = move_tensor(t.grad, device)
-        memo[id(t)] = new
         mapping[id(t)] = new
-    twin = copy.deepcopy(model, memo)
-    return twin, mapping
+    return mapping
+
+
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, mapping: dict[int, torch.Tensor]) -> Iterator[nn.Module]:
+    """``model`` with its parameters and buffers replaced by ``mapping``'s copies; restored on exit."""
+    saved = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            saved.append((store, dict(store)))
+            for name, tensor in list(store.items()):
+                if tensor is not None:
+                    store[name] = mapping[id(tensor)]
+    try:
+        yield model
+    finally:
+        for store, originals in saved:
+            store.clear()
+            store.update(originals)
 
 
 def optimizer_twin(optimizer: torch.optim.Optimizer, mapping: dict[int, torch.Tensor], device: torch.device):

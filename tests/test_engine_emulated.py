@@ -148,3 +148,26 @@ def test_the_same_model_runs_on_the_cpu_backend():
     model = ItemInForward()
     report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="cpu")
     assert report.category_peak(Category.GRADS) == nbytes(model.parameters())
+
+
+def test_loss_closing_over_the_model_sees_the_emulated_parameters():
+    """An L1 penalty reads model.parameters() inside the loss: on the emulated backend those must be the
+    meta copies (a CPU parameter would fail to mix with meta tensors), and the model gets its own back."""
+    import torch.nn.functional as F
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    originals = [p for p in model.parameters()]
+    seen_devices = set()
+
+    def l1_loss(out, target):
+        seen_devices.update(p.device.type for p in model.parameters())
+        return F.cross_entropy(out, target) + 1e-4 * sum(p.abs().sum() for p in model.parameters())
+
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    report = measure_step(model, optimizer, x, target=y, loss_fn=l1_loss, backend="emulated")
+    assert seen_devices == {"meta"}
+    assert [p for p in model.parameters()] == originals and all(p.device.type == "cpu" for p in originals)
+    # the penalty's abs() outputs are temporaries of the forward: one per parameter tensor at least
+    forward = report.steps[0].phases[Phase.FORWARD]
+    assert forward.peak_split[Category.TEMPORARIES] > 0
