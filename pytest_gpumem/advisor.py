@@ -98,8 +98,7 @@ def _log_of(tracker) -> tuple[Op, ...]:
         phase_of[first:end] = [f"{'first' if step == 0 else 'steady'}/{phase.value}"] * (end - first)
     current: dict[int, int] = {}   # storage key -> instance
     ops: list[Op] = []
-    raw_sizes = (ev.raw for ev in tracker._events if ev.key >= 0)  # lead: a public (key, delta, raw) log would do
-    for index, ((key, _delta), raw) in enumerate(zip(tracker.allocation_events(), raw_sizes)):
+    for index, (key, _delta, raw) in enumerate(tracker.allocation_log()):
         label = phase_of[index] if index < len(phase_of) else ""
         if key not in current:  # a storage's events alternate: allocation, free, allocation (resize_), ...
             current[key] = index
@@ -115,19 +114,11 @@ def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, bac
     from .step import measure_step  # local: the advisor sits beside step, importing it only when measuring
 
     be = make_backend(backend)
-    log: list[tuple[Op, ...]] = []
-    phase_stats = be.phase_stats
-
-    def recording(tracker, replays):
-        log.append(_log_of(tracker))
-        return phase_stats(tracker, replays)
-
-    be.phase_stats = recording  # type: ignore[method-assign]
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     inputs, target = make_batch(batch_size)
     report = measure_step(model, optimizer_factory(model.parameters()), inputs, target=target, loss_fn=loss_fn,
                           backend=be, steps=steps)
-    return Probe(batch_size, log[0], report.peak, be.rounding)
+    return Probe(batch_size, _log_of(be.trackers[-1]), report.peak, be.rounding)
 
 
 def _estimate(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:

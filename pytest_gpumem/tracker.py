@@ -182,11 +182,16 @@ class StorageTracker(TorchDispatchMode):
     def category_of(self, key: int) -> Category:
         return self._marks.get(key, Category.TEMPORARIES)
 
-    def allocation_events(self) -> Iterator[tuple[int, int]]:
-        """(key, +size | -size) of every allocation and free in order, for allocator models."""
+    def allocation_log(self) -> Iterator[tuple[int, int, int]]:
+        """(key, +size | -size, +raw | -raw) of every allocation and free in order."""
         for ev in self._events:
             if ev.key >= 0:
-                yield ev.key, ev.delta
+                yield ev.key, ev.delta, ev.raw
+
+    def allocation_events(self) -> Iterator[tuple[int, int]]:
+        """(key, +size | -size) of every allocation and free in order, for allocator models."""
+        for key, delta, _raw in self.allocation_log():
+            yield key, delta
 
     def phase_bounds(self) -> list[tuple[int, Phase, int, int]]:
         """(step, phase, first allocation index, end index) in order, indices into allocation_events()."""
