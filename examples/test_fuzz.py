@@ -1,18 +1,16 @@
-"""A hypothesis-fuzzed budget: every MLP in a family, at every batch size up to 64, fits the budget.
+"""A hypothesis-fuzzed budget: every MLP in a family, at every batch size up to 64, fits the budget
+and agrees with the analytical estimate.
 
-One hand-picked model says little about its neighbours; hypothesis draws MLPs (1-4 hidden layers up
-to 512 wide, up to 512 inputs, up to 16 classes, optional Dropout), batch sizes and optimizers, and
-every drawn step is measured and checked against the gpu_budget -- a failure shrinks to the smallest
-model that breaks it. The largest member (4 x 512 wide, Adam, batch 64) peaks at 20.32 MiB on the
-emulated backend; the budget is that + 25%, rounded up.
-Besides the budget, a property that holds for every member: an optimizer step with Adam holds the
-parameters, their gradients and both moments at once -- at least 16 bytes per fp32 parameter.
+One hand-picked model says little about its neighbours. ``gpumem.fuzz`` draws MLPs (1-4 hidden layers
+64-512 wide, 64-512 inputs, up to 16 classes, optional Dropout), batch sizes and optimizers; each drawn
+step is measured, estimated and checked against the gpu_budget, and a failure shrinks to the smallest
+model and batch that break it. The largest member (4 x 512 wide, Adam, batch 64) peaks at 20.32 MiB on
+the emulated backend; the budget is that + 25%, rounded up.
 """
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 
-from pytest_gpumem import Category, Phase, parse_bytes
+from pytest_gpumem import parse_bytes
 from pytest_gpumem import strategies as gst
 
 BUDGET = "25.5MiB"
@@ -20,22 +18,18 @@ BUDGET_BYTES = parse_bytes(BUDGET)
 
 
 @pytest.mark.gpu_budget(BUDGET)
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(config=gst.mlp_configs(max_depth=4, max_width=512, max_in_features=512),
-       batch_size=gst.batch_sizes(max_value=64),
-       make_optimizer=gst.optimizers(kinds=["sgd", "sgd_momentum", "adam", "adamw"]))
-def test_mlp_family_fits_budget(gpumem, config, batch_size, make_optimizer):
-    model = config.build(gpumem.device)
-    optimizer = make_optimizer(model.parameters())
-    inputs, target = config.make_batch(batch_size, gpumem.device)
-
-    report = gpumem.train_step(model, optimizer, inputs, target=target)  # checked against the budget
-
-    n_params = sum(p.numel() for p in model.parameters())
-    if make_optimizer.cls.__name__ in ("Adam", "AdamW"):
-        at_step = report.phases[Phase.OPTIMIZER].peak_split
-        held = sum(at_step[c] for c in (Category.PARAMS, Category.GRADS, Category.OPTIMIZER))
-        assert held >= 16 * n_params
+def test_mlp_family_fits_budget_and_matches_estimate(gpumem):
+    """gpumem.fuzz draws models, batch sizes and optimizers; every example is measured, estimated and
+    checked against the budget. A failure is shrunk to the smallest MLP and batch that break it."""
+    result = gpumem.fuzz(
+        gst.mlp_configs(min_width=64, max_depth=4, max_width=512, min_in_features=64, max_in_features=512),
+        batch_sizes=gst.batch_sizes(max_value=64),
+        optimizer=gst.optimizers(kinds=["sgd", "sgd_momentum", "adam", "adamw"]),
+        rtol=0.05,
+        max_examples=15,
+    )
+    assert result.examples >= 15  # every drawn step was measured (and each one fit the budget)
+    assert max(result.peaks) <= BUDGET_BYTES
 
 
 def test_largest_member_fits_with_headroom(gpumem):
