@@ -26,6 +26,8 @@ from .step import OutOfMemory, StepFailed, measure_step, track
 from .units import format_bytes, parse_bytes
 
 MARKER = "gpu_budget"
+#: measure_step options that change what the step does, so the estimate must be told them too
+_SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
 _STATE = pytest.StashKey["TestState"]()
 
 
@@ -380,7 +382,7 @@ class GpuMem:
         hook = self._item.config.hook
         self._state.estimates.append(
             estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
-                          hook=hook, **{k: v for k, v in kwargs.items() if k in ("steps", "set_to_none")})
+                          hook=hook, **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
         )
 
     @contextlib.contextmanager
