@@ -87,7 +87,7 @@ class Backend:
         """The GradScaler to use on this backend for the user's ``scaler`` (True: a default one)."""
         if scaler is True:
             return torch.amp.GradScaler(self.device.type)
-        return scaler
+        return scaler or None  # False means no scaler
 
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         """Turn replayed phases into the reported per-phase figures."""
@@ -143,7 +143,7 @@ class EmulatedBackend(Backend):
         """A real GradScaler disables itself without a GPU; the emulated one runs its kernels on meta."""
         from . import emulation
 
-        if scaler is None:
+        if scaler is None or scaler is False:
             return None
         if not isinstance(scaler, emulation.EmulatedGradScaler):
             self.notes.append("GradScaler replaced by EmulatedGradScaler (same kernels, on meta tensors)")

@@ -124,6 +124,9 @@ class Template:
     #: per slot: ("arg", leaf index) | ("param", name) | ("fixed", tensor) | ("new", nbytes)
     slots: list[tuple[str, Any]] = field(default_factory=list)
     descs: dict[int, _Desc] = field(default_factory=dict)  #: id(template tensor) -> how to rebuild it
+    first_op: int = 0                       #: the tracer's op counter when the block began
+    n_ops: int = 0                          #: ops the block ran
+    uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
 
 
 class _Outputs(torch.autograd.Function):
@@ -146,8 +149,9 @@ class BlockCache:
     """Wraps the forward of every repeated module of a traced model with record-or-replay.
 
     ``tracer`` must expose ``calls`` (records with index, name, module, parent, depth, saved, children,
-    items, method, inputs, output, end), ``stack`` (indices of the calls running) and ``order``
-    (call index, saved tensor) and a ``new_call(**fields)`` factory.
+    items, method, inputs, output, end, op_start, op_end), ``stack`` (indices of the calls running),
+    ``order`` (call index, saved tensor), ``ops`` (an op counter), ``uses`` ((op, tensor, how the op touched
+    it) per op tensor), ``paused`` (set while a replay runs its own ops) and a ``new_call(**fields)`` factory.
     """
 
     def __init__(self, model: nn.Module, tracer: Any) -> None:
@@ -210,19 +214,23 @@ class BlockCache:
             self.hits += 1
             return self._replay(template, module, leaves)
         first_call, first_save = tr.stack[-1], len(tr.order)
+        first_op, first_use = tr.ops, len(tr.uses)
         with _NewStorages() as seen:
             output = original(*args, **kwargs)
         self.records += 1
-        self.templates[key] = self._record(module, leaves, output, first_call, first_save, seen.created)
+        uses = tr.uses[first_use:]
+        template = self._record(module, leaves, output, first_call, first_save, seen.created, uses)
+        template.first_op, template.n_ops = first_op, tr.ops - first_op
+        self.templates[key] = template
         return output
 
     def _record(self, module: nn.Module, leaves: list[Any], output: Any, first_call: int, first_save: int,
-                created: set[int]) -> Template:
+                created: set[int], uses: list[tuple[int, torch.Tensor, int]]) -> Template:
         tr = self.tracer
         block = tr.calls[first_call]
         t = Template(block.name, block.depth, first_call, first_save, block.children,
                      list(tr.calls[first_call + 1:]), list(tr.order[first_save:]), list(block.saved), output,
-                     {id(m): n for n, m in module.named_modules(remove_duplicate=False)})
+                     {id(m): n for n, m in module.named_modules(remove_duplicate=False)}, uses=uses)
         slot_of: dict[int, int] = {}
         exact: dict[int, int] = {}
 
@@ -263,6 +271,8 @@ class BlockCache:
             describe(x)
         for x in t.saved:
             describe(x)
+        for _, x, _ in t.uses:
+            describe(x)
         return t
 
     def _replay(self, t: Template, module: nn.Module, leaves: list[Any]) -> Any:
@@ -270,6 +280,14 @@ class BlockCache:
         block_index = tr.stack[-1]
         block = tr.calls[block_index]
         assert block_index == len(tr.calls) - 1, "a replayed block must be the latest call"
+        paused, tr.paused = tr.paused, True  # the replay's own empty/set_ ops are not the block's ops
+        try:
+            return self._replay_paused(t, module, leaves, block_index, block)
+        finally:
+            tr.paused = paused
+
+    def _replay_paused(self, t: Template, module: nn.Module, leaves: list[Any], block_index: int, block: Any) -> Any:
+        tr = self.tracer
         by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
                                        module.named_buffers(remove_duplicate=False)))
         bases: list[torch.Tensor] = []
@@ -322,6 +340,7 @@ class BlockCache:
 
         shift_call = block_index - t.first_call
         shift_save = len(tr.order) - t.first_save
+        shift_op = tr.ops - t.first_op
         modules = dict(module.named_modules(remove_duplicate=False))
         for c in t.calls:
             new = tr.new_call(
@@ -337,9 +356,13 @@ class BlockCache:
                 inputs=tuple(make(x) for x in c.inputs),
                 output=tree_map(make, c.output),
                 end=c.end + shift_save,
+                op_start=c.op_start + shift_op,
+                op_end=c.op_end + shift_op,
             )
             tr.calls.append(new)
         tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
+        tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
+        tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)
         block.children = t.children
         return output

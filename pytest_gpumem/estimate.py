@@ -3,15 +3,19 @@
 Layers are found by running a meta-device twin of the model under forward hooks and
 ``saved_tensors_hooks``: each call's saved bytes come from a pluggy hook answer, else the formula
 registry (``formulas.py``), else what the call itself saved on meta ("traced"). Saved storages are
-deduplicated; parameters and the batch are not activations. A peak model then replays the step
-(forward accumulates saved tensors, backward frees them in reverse while gradients appear, the
-optimizer creates its state and temporaries, zero_grad frees the grads) with the CUDA allocator's
-512-B rounding when ``device="cuda"``.
+deduplicated; parameters and the batch are not activations. Every op's tensors are numbered as well
+(``_Uses``), which gives each storage a lifetime: a residual's input stays alive across its branch, and so
+does its gradient in backward. A peak model then replays the step (forward accumulates saved tensors,
+backward frees them in reverse while gradients appear, the optimizer creates its state and temporaries,
+zero_grad frees the grads) with the CUDA allocator's 512-B rounding when ``device="cuda"``.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import itertools
+from types import FunctionType
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,13 +23,14 @@ import pluggy
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import formulas, hookspecs
 from .block_cache import BlockCache
 from .allocator import round_allocation
 from .categories import CATEGORIES, PHASES, Category, Phase
-from .optimizer_state import is_foreach, rule_for, state_bytes_on
+from .optimizer_state import grad_scaler_tensors, is_foreach, rule_for, state_bytes_on
 from .results import split_to_dict
 from .units import format_bytes
 
@@ -210,7 +215,23 @@ class _CpuAttention(TorchFunctionMode):
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, bool(bound.get("is_causal", False)), attn_mask=bound.get("attn_mask"),
                     scale=bound.get("scale"))[0]
+        if func is torch.nn.functional.multi_head_attention_forward:
+            # the mode is off while it handles a call, so the sdpa inside nn.MultiheadAttention would go unseen
+            # (and keep the L x L math path): run a copy without its own torch-function check, mode on
+            with self:
+                return _unchecked(func)(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _unchecked(func: FunctionType) -> FunctionType:
+    """A copy of a torch.nn.functional function whose has_torch_function checks answer False."""
+    no = dict.fromkeys(("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"),
+                       lambda *args: False)
+    clone = FunctionType(func.__code__, {**func.__globals__, **no}, func.__name__, func.__defaults__,
+                         func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    return clone
 
 
 @dataclass
@@ -230,6 +251,8 @@ class _Call:
     output: Any = None
     end: int = 0                     #: position in the save order when the call ended
     region: int | None = None        #: checkpoint region this call opened (its saves are recomputed, not kept)
+    op_start: int = 0                #: op counter (see _Uses) when the call began
+    op_end: int = 0                  #: op counter when the call ended
 
 
 @dataclass
@@ -243,6 +266,7 @@ class _Trace:
     twin: nn.Module
     reused: tuple[int, int] = (0, 0)  #: (block calls replayed, block templates recorded)
     loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
+    uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
 
 
 def _top_pack_hook() -> Any:
@@ -294,7 +318,8 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
     reused = (cache.hits, cache.records) if cache is not None else (0, 0)
     return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
-                  _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))))
+                  _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
+                  tracer.uses)
 
 
 def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
@@ -318,6 +343,33 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     return frozenset(found)
 
 
+#: how an op touched a tensor (``_Uses``): made it, read it, or read it differentiably (a grad flows back)
+OUT, IN, GRAD_IN = 0, 1, 2
+
+
+class _Uses(TorchDispatchMode):
+    """Every op's tensors in order, numbered by op: when a storage appears and when grad last flows into it.
+
+    Module hooks see only module calls; a residual add in a parent's forward is an op, and it is what keeps
+    the block input (forward) and its gradient (backward) alive across the calls in between."""
+
+    def __init__(self, tracer: "_Tracer") -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tr = self.tracer
+        if not tr.paused:
+            op = tr.ops
+            tr.ops += 1
+            for t in _tensors((args, kwargs)):
+                tr.uses.append((op, t, GRAD_IN if t.requires_grad and t.is_floating_point() else IN))
+            for t in _tensors(out):
+                tr.uses.append((op, t, OUT))
+        return out
+
+
 class _Tracer:
     """Forward hooks and the saved-tensor hook of one trace: call records and saves in order."""
 
@@ -331,6 +383,9 @@ class _Tracer:
         self.twin = twin
         self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
         self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
+        self.ops = 0  #: ops run so far (the _Uses counter)
+        self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
+        self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
 
     new_call = staticmethod(lambda **fields: _Call(**fields))
 
@@ -341,6 +396,7 @@ class _Tracer:
         if parent is not None:
             self.calls[parent].children += 1
         call.inputs = tuple(_tensors(args))
+        call.op_start = self.ops
         self.calls.append(call)
         self.stack.append(call.index)
         foreign = _top_pack_hook()
@@ -356,7 +412,7 @@ class _Tracer:
         call = self.calls[self.stack.pop()]
         if self.pushed and self.pushed[-1][0] == call.index:
             self.pushed.pop()[1].__exit__(None, None, None)
-        call.output, call.end = output, len(self.order)
+        call.output, call.end, call.op_end = output, len(self.order), self.ops
         for h in self.hooks:
             answer = _ask_hook(h, module, call.inputs, output, self.device)
             if answer is not None:
@@ -384,6 +440,7 @@ class _Tracer:
         inputs, meta_target = _to_meta(batch), _to_meta(target)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
+            stack.enter_context(_Uses(self))
             stack.callback(self.unwind)
             if self.device == "cuda" or autocast_dtype is not None:
                 from .emulation import cuda_semantics, emulated_autocast
@@ -398,11 +455,12 @@ class _Tracer:
             output = call_model(self.twin, inputs)
             loss_call = _Call(len(self.calls), "loss", None, None, 0)
             loss_call.inputs = tuple(_tensors(output))
+            loss_call.op_start = self.ops
             self.calls.append(loss_call)
             self.stack.append(loss_call.index)
             loss = (loss_fn or default_loss)(output, meta_target)
             self.stack.pop()
-            loss_call.output, loss_call.end = loss, len(self.order)
+            loss_call.output, loss_call.end, loss_call.op_end = loss, len(self.order), self.ops
         return output, loss, inputs, meta_target
 
 
@@ -523,10 +581,13 @@ class _Leaf:
     in_raw: int
     out_raw: int
     out_new: int        #: forward transient: output bytes not saved by anyone yet
-    in_live: int        #: forward transient: unsaved, non-batch input bytes alive during the call
+    in_live: tuple[int, ...]  #: forward transients: unsaved storages made earlier and alive through the call
     grad_raw: tuple[int, ...]  #: param grads that appear when this call's backward runs
     accum_raw: tuple[int, ...] = ()  #: param grads that already exist (the loss made them) and get added to
     region: int | None = None  #: checkpoint region: backward recomputes the region's saves on reaching it
+    cross_raw: tuple[int, ...] = ()  #: backward: grads of earlier tensors used again later (residuals), held
+    cast_raw: tuple[int, ...] = ()  #: backward: grads of autocast's low-precision parameter copies, before the cast back
+    inner_raw: int = 0  #: backward: the largest grad of a tensor the call made and used itself (log_softmax in CE)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -539,6 +600,8 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
     accounted_children = {c.parent for c in trace.calls if not covered[c.index] and c.parent is not None}
     saved_by_position: list[tuple[int, int | None]] = [(s.position, s.key) for s in saves if s.region is None]
     region = regions_of(trace.calls)
+    life = _Lifetimes(trace)
+    skip = trace.param_keys | trace.batch_keys
     leaves = []
     leaf_calls = [c.index for c in trace.calls
                   if not covered[c.index] and c.index not in accounted_children and _tensors(c.output)]
@@ -562,11 +625,86 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         in_key = _storage_key(x) if x is not None else None
         in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
-        in_live = _nbytes(x) if (in_needs and in_key not in saved_now and in_key not in trace.batch_keys) else 0
+        in_keys = {_storage_key(t) for t in c.inputs}
+        in_live = tuple(life.storage[k] for k in life.alive_through(c) if k not in saved_now and k != out_key
+                        and k not in skip)
+        cross = tuple(life.grad[k] for k in life.grad_through(c) if k not in in_keys and k != out_key
+                      and k not in skip)
+        own_casts = [cast for cast in life.casts if c.op_start <= cast[0] < c.op_end]
+        in_live += tuple(b for _, _, k, b in own_casts if k not in saved_now)
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
                             out_new, in_live, tuple(grads_of.pop(c.index, ())),
-                            accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index]))
+                            accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
+                            cast_raw=tuple(b for op, _, _, b in own_casts),
+                            inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs})))
     return leaves
+
+
+class _Lifetimes:
+    """When each storage of the trace is alive, in ops (``_Uses``), and when its gradient is.
+
+    A storage lives from the op that makes it (its first appearance) to its last use, and at least to the end
+    of every call it is an argument of (the caller holds it: a block's input stays alive through the block).
+    Its gradient appears when backward reaches its last differentiable use and is consumed at the op that made
+    it, so during backward it is held across every call in between: e.g. the post-norm transformer's
+    ``norm1(x + sa(x))`` keeps the add's output grad while sa's backward runs.
+    """
+
+    def __init__(self, trace: _Trace) -> None:
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}       #: last op using the storage, or last op of a call taking it
+        self.last_grad: dict[int, int] = {}  #: last op into which a differentiable use of it went
+        self.storage: dict[int, int] = {}
+        self.grad: dict[int, int] = {}       #: bytes of its gradient (the largest differentiable view used)
+        #: (op, parameter storage, its low-precision copy's storage, the copy's bytes)
+        self.casts: list[tuple[int, int, int, int]] = []
+        self._cast_copies: set[int] = set()
+        grad_in: dict[int, list[torch.Tensor]] = {}
+        for op, t, kind in trace.uses:
+            k = _storage_key(t)
+            self.first.setdefault(k, op)
+            self.last[k] = max(self.last.get(k, op), op)
+            self.storage.setdefault(k, t.untyped_storage().nbytes())
+            if kind == GRAD_IN:
+                self.last_grad[k] = op
+                self.grad[k] = max(self.grad.get(k, 0), _nbytes(t))
+                grad_in.setdefault(op, []).append(t)
+            elif kind == OUT:
+                # autocast's weight copy: a parameter read by an op whose output has its shape, another dtype
+                for x in grad_in.get(op, ()):
+                    if _storage_key(x) in trace.param_keys and x.shape == t.shape and x.dtype != t.dtype:
+                        self.casts.append((op, _storage_key(x), k, _nbytes(t)))
+                        self._cast_copies.add(k)
+        # autocast caches its weight copies until the autocast region (forward and loss) ends
+        end = max(self.last.values(), default=0)
+        for k in self._cast_copies:
+            self.last[k] = end
+        for c in trace.calls:
+            for t in c.inputs:
+                k = _storage_key(t)
+                if k in self.last:
+                    self.last[k] = max(self.last[k], c.op_end - 1)
+        self._by_first = sorted(self.first, key=self.first.__getitem__)
+        self._firsts = [self.first[k] for k in self._by_first]
+
+    def _before(self, c: _Call) -> list[int]:
+        return self._by_first[:bisect.bisect_left(self._firsts, c.op_start)]
+
+    def alive_through(self, c: _Call) -> list[int]:
+        """Storages made before call ``c`` began that stay alive until its last op."""
+        return [k for k in self._before(c) if self.last[k] >= c.op_end - 1]
+
+    def inner_grad(self, c: _Call, skip: set[int]) -> int:
+        """Bytes of the largest grad of a storage call ``c`` made and used differentiably itself: not one in
+        ``skip`` (its outputs, parameters, the batch), not an autocast weight copy (``casts`` has those)."""
+        lo, hi = bisect.bisect_left(self._firsts, c.op_start), bisect.bisect_left(self._firsts, c.op_end)
+        return max((self.grad[k] for k in self._by_first[lo:hi]
+                    if k not in skip and k not in self._cast_copies and self.last_grad.get(k, c.op_end) < c.op_end),
+                   default=0)
+
+    def grad_through(self, c: _Call) -> list[int]:
+        """Storages made before ``c`` and used differentiably after it: their grads exist during c's backward."""
+        return [k for k in self._before(c) if self.last_grad.get(k, -1) >= c.op_end]
 
 
 def _has_ancestor(calls: list[_Call], index: int, ancestor: int) -> bool:
@@ -625,8 +763,14 @@ def estimate_step(
     hook: Any = None,
     autocast_dtype: torch.dtype | None = None,
     reuse_blocks: bool = True,
+    scaler: Any = None,
 ) -> Estimate:
-    """Estimate peak and per-category bytes of ``steps`` training steps on ``device`` ("cuda" or "cpu")."""
+    """Estimate peak and per-category bytes of ``steps`` training steps on ``device`` ("cuda" or "cpu").
+
+    ``scaler`` (True or a ``torch.amp.GradScaler``) adds what a GradScaler holds, as ``measure_step(...,
+    scaler=...)`` runs it: the scaled loss in backward, unscale_'s temporaries, its scale and growth tracker.
+    A GradScaler made without a GPU is disabled; for ``device="cuda"`` it counts as enabled, as on the GPU.
+    """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     if steps < 1:
@@ -655,6 +799,16 @@ def estimate_step(
     act_raw = sum(s.raw for s in saves if s.region is None)
 
     opt_raw, opt_alloc, temps, eager = _optimizer_figures(optimizer, device, rnd, hooks, notes)
+    sc = grad_scaler_tensors() if _scaler_enabled(scaler, device) else None
+    if sc is not None:
+        notes.append(f"GradScaler: its scale and growth tracker ({sum(sc.kept)} B) are counted as other")
+
+    def tensors(category: Category, sizes: Iterable[int], sign: int = 1) -> list[tuple[Category, int, int]]:
+        return [(category, sign * n, sign * rnd(n)) for n in sizes]
+
+    def add_all(items: Iterable[tuple[Category, int, int]]) -> None:
+        for c, r, a in items:
+            live.add(c, r, a)
 
     grads_of, accum_of = _param_grads_by_call(trace, covered, trace.twin)
     leaves = _leaves(trace, saves, covered, grads_of, accum_of)
@@ -720,7 +874,7 @@ def estimate_step(
             while pending is not None and pending.position <= leaf.position:
                 live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
                 pending = next(save_iter, None)
-            live.observe([(T, leaf.out_new + leaf.in_live, rnd(leaf.out_new) + rnd(leaf.in_live))])
+            live.observe([(T, leaf.out_new + sum(leaf.in_live), rnd(leaf.out_new) + sum(map(rnd, leaf.in_live)))])
         while pending is not None:
             live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
             pending = next(save_iter, None)
@@ -733,6 +887,11 @@ def estimate_step(
         live.start_phase()
         seed = loss_raw
         live.add(T, seed, rnd(seed))
+        if sc is not None:
+            if step == 0:  # the first scale() makes the scale and the growth tracker
+                add_all(tensors(Category.OTHER, sc.kept))
+            add_all(tensors(T, sc.backward))
+            live.observe(tensors(T, sc.backward_start))
         remaining = sorted(saves, key=lambda s: s.position)
         recomputed: set[int] = set()
         for i in range(len(leaves) - 1, -1, -1):
@@ -744,7 +903,25 @@ def estimate_step(
                     live.add(T, s.raw, s.alloc)
             new_grads = [] if grads_present else list(leaf.grad_raw)
             accum = list(leaf.grad_raw) if grads_present else []
-            extra = [(T, leaf.out_raw, rnd(leaf.out_raw)), (T, leaf.in_raw, rnd(leaf.in_raw))]
+            held = [(T, leaf.in_raw, rnd(leaf.in_raw))] + [(T, g, rnd(g)) for g in leaf.cross_raw]
+            if leaf.inner_raw:
+                # a chain inside the call (cross-entropy: log_softmax -> nll_loss): the inner grad is made
+                # beside the output grad, then the input grad beside it
+                inner = (T, leaf.inner_raw, rnd(leaf.inner_raw))
+                live.observe([(T, leaf.out_raw, rnd(leaf.out_raw)), inner] + held[1:])
+                live.observe([inner] + held)
+            threshold = leaves[i - 1].position if i > 0 else float("-inf")
+            if leaf.cast_raw:
+                # autocast: the kernels make grads of the low-precision weight copies; the call's saves and
+                # output grad go, then each is cast back to the parameter's dtype beside it (measured on an
+                # fp16 MLP: the fp32 weight grad appears after the saved fp16 input is freed)
+                casts = [(T, g, rnd(g)) for g in leaf.cast_raw]
+                live.observe([(T, leaf.out_raw, rnd(leaf.out_raw))] + held + casts)
+                while remaining and remaining[-1].position > threshold:
+                    free(remaining.pop(), recomputed)
+                extra = held + casts
+            else:
+                extra = [(T, leaf.out_raw, rnd(leaf.out_raw))] + held
             extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
             live.observe(extra)
             for g in new_grads:
@@ -753,12 +930,13 @@ def estimate_step(
             # and the out-of-place sum are alive beside the old grad (measured: 2 x the parameter's bytes)
             for g in leaf.accum_raw:
                 live.observe([(T, 2 * g, 2 * rnd(g))])
-            threshold = leaves[i - 1].position if i > 0 else float("-inf")
             while remaining and remaining[-1].position > threshold:
                 free(remaining.pop(), recomputed)
         while remaining:
             free(remaining.pop(), recomputed)
         live.add(T, -(out_keep + loss_raw + seed), -(rnd(out_keep) + rnd(loss_raw) + rnd(seed)))
+        if sc is not None:
+            add_all(tensors(T, sc.backward, -1))
         # grads of trainable params no leaf owned (e.g. used only by functional code in a container)
         missing = grads_raw - live.raw[Category.GRADS]
         if missing > 0:
@@ -769,9 +947,11 @@ def estimate_step(
 
         # optimizer: lazy state on the first step, then temporaries
         live.start_phase()
+        if sc is not None:  # scaler.step(): unscale_ first, then optimizer.step() beside found_inf
+            live.observe(tensors(T, sc.unscale))
         if step == 0 and not eager:
             live.add(Category.OPTIMIZER, opt_raw, opt_alloc)
-        live.observe([(T, temps, temps)])
+        live.observe([(T, temps, temps)] + (tensors(T, sc.step) if sc is not None else []))
         close(step, Phase.OPTIMIZER)
         peaks_this_step.append(live.peak)
 
@@ -797,6 +977,15 @@ def estimate_step(
         activations=act_raw, layers=layers, notes=tuple(notes), step_peaks=tuple(step_peaks),
         categories=categories, category_peaks=category_peaks,
     )
+
+
+def _scaler_enabled(scaler: Any, device: str) -> bool:
+    """Whether ``scaler`` scales: True, or a GradScaler that is enabled (any one, for a CUDA estimate)."""
+    if scaler is None or scaler is False:
+        return False
+    if scaler is True or device == "cuda":
+        return True
+    return bool(getattr(scaler, "is_enabled", lambda: True)())
 
 
 def _optimizer_figures(optimizer, device: str, rnd, hooks, notes: list[str]) -> tuple[int, int, int, bool]:

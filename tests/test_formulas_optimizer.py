@@ -79,3 +79,12 @@ def test_sgd_without_momentum_keeps_no_state():
 def test_every_builtin_optimizer_in_the_issue_has_a_rule():
     for cls in (O.SGD, O.Adam, O.AdamW, O.Adagrad, O.RMSprop, O.Adamax, O.NAdam, O.RAdam, O.Adadelta):
         assert cls in OPTIMIZER_RULES
+
+
+def test_grad_scaler_tensors_are_4_byte_scalars_with_one_found_inf_per_device():
+    from pytest_gpumem.optimizer_state import grad_scaler_tensors
+
+    one, two = grad_scaler_tensors(), grad_scaler_tensors(devices=2)
+    assert one.kept == (4, 4)                          # _scale fp32 + _growth_tracker int32
+    assert sum(one.unscale) == 16 and sum(two.unscale) == 24  # inv_scale, found_inf + a copy of each per device
+    assert two.step == (4, 4)
