@@ -33,7 +33,7 @@ class Budget:
     kind: str = "allocated"
     backend: str | None = None
     leak: int | None = None      #: bytes a test may still hold after it ends (None: report only)
-    rtol: float | None = None    #: allowed relative difference from the estimate (None: ini default)
+    rtol: float | bool | None = None  #: allowed relative difference from the estimate (None: ini default; False: off)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,9 +83,9 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
     leak = kwargs.get("leak")
     leak_bytes = None if leak is None else _size("leak", leak, allow_zero=True)
     rtol = kwargs.get("rtol")
-    if rtol is not None:
+    if rtol is not None and rtol is not False:  # False: no estimate check for this test
         if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 10:
-            raise BudgetError(f"rtol={rtol!r}: expected a number such as 0.05 (5%) between 0 and 10")
+            raise BudgetError(f"rtol={rtol!r}: expected a number such as 0.05 (5%) between 0 and 10, or False")
         rtol = float(rtol)
     return Budget(total, categories, kind, backend, leak_bytes, rtol)
 

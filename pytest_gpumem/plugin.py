@@ -28,6 +28,8 @@ from .units import format_bytes, parse_bytes
 MARKER = "gpu_budget"
 #: measure_step options that change what the step does, so the estimate must be told them too
 _SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
+#: measurement and estimate must agree within this fraction unless a test or the ini says otherwise
+DEFAULT_RTOL = "0.05"
 _STATE = pytest.StashKey["TestState"]()
 
 
@@ -40,12 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--gpumem-default-budget", default=None, metavar="SIZE",
                     help="budget for tests that use the gpumem fixture without a gpu_budget marker, e.g. 2GiB")
     group.addoption("--gpumem-rtol", default=None, metavar="FRACTION",
-                    help="fail a measured test whose peak or any category differs from the estimate by more than "
-                         "this fraction (e.g. 0.05); 'off' disables the check")
+                    help="fail a measured test whose peak or any category differs from the analytical estimate by "
+                         "more than this fraction (default 0.05); 'off' disables the check")
     parser.addini("gpumem_report", type="bool", default=False, help="same as --gpumem-report")
     parser.addini("gpumem_backend", default="auto", help="same as --gpumem-backend")
     parser.addini("gpumem_default_budget", default="", help="same as --gpumem-default-budget")
-    parser.addini("gpumem_rtol", default="off", help="same as --gpumem-rtol")
+    parser.addini("gpumem_rtol", default=DEFAULT_RTOL, help="same as --gpumem-rtol (default 0.05)")
     with contextlib.suppress(ImportError):
         from .gating import add_gating_options
 
@@ -81,7 +83,7 @@ class TestState:
     budget: budgets.Budget | None
     backend_name: str
     reports: list[StepReport] = field(default_factory=list)
-    estimates: list[Any] = field(default_factory=list)
+    estimates: dict[int, Any] = field(default_factory=dict)  #: index in ``reports`` -> its estimate
     trackers: list[Any] = field(default_factory=list)
     max_batch: int | None = None
 
@@ -203,26 +205,30 @@ class Manager:
             # (the call report holds its own copy, so extending only it never reached the XML)
             item.user_properties.extend(properties)
 
-    def _contradictions(self, state: TestState) -> list[str]:
+    def rtol_for(self, state: TestState) -> float | None:
+        """The marker's rtol, else --gpumem-rtol / gpumem_rtol; None when the check is off."""
         rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
-        if rtol is None or not state.estimates:
+        return None if rtol is False else rtol
+
+    def _contradictions(self, state: TestState) -> list[str]:
+        rtol = self.rtol_for(state)
+        if rtol is None:
             return []
         from .contradiction import compare
 
         out = []
-        for step_report, estimate in zip(state.reports, state.estimates):
-            result = compare(step_report, estimate, rtol)
+        for index, estimate in sorted(state.estimates.items()):
+            result = compare(state.reports[index], estimate, rtol)
             if not result.ok:
-                out.append(result.message)
+                out.append(f"gpumem: the measurement contradicts the estimate (rtol {rtol:g}; pass rtol=False "
+                           f"to gpu_budget to skip this check)\n{result.message}")
         return out
 
     def _record(self, item: pytest.Item, state: TestState, report: pytest.TestReport) -> dict[str, Any] | None:
         if not state.reports:
             return None
         peak_report = max(state.reports, key=lambda r: r.peak)
-        estimate = None
-        if state.estimates:
-            estimate = state.estimates[state.reports.index(peak_report)] if len(state.estimates) == len(state.reports) else None
+        estimate = state.estimates.get(state.reports.index(peak_report))
         # plain JSON types only: the record travels to the xdist controller through execnet, which refuses
         # str subclasses such as torch.__version__ (TorchVersion) and crashes the worker
         return _plain({
@@ -356,13 +362,15 @@ class GpuMem:
 
     def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
         """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
-        self._maybe_estimate(model, optimizer, batch, loss_fn, target, kwargs)
+        estimate = self._estimate(model, optimizer, batch, loss_fn, target, kwargs)
         backend = self._backend()
         try:
             with self._snapshot(backend):
                 report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
         finally:
             self._state.trackers.extend(backend.trackers)
+        if estimate is not None:
+            self._state.estimates[len(self._state.reports)] = estimate
         self._state.reports.append(report)
         return report
 
@@ -371,19 +379,22 @@ class GpuMem:
         gating = self._manager.gating
         return gating.snapshot(self._item.nodeid, backend.name) if gating is not None else contextlib.nullcontext()
 
-    def _maybe_estimate(self, model, optimizer, batch, loss_fn, target, kwargs) -> None:
-        budget = self._state.budget
-        rtol = budget.rtol if budget is not None and budget.rtol is not None else self._manager.rtol
-        if rtol is None:
-            return
+    def _estimate(self, model, optimizer, batch, loss_fn, target, kwargs):
+        """The analytical estimate of the step about to be measured (before it changes the optimizer's state)."""
+        if self._manager.rtol_for(self._state) is None:
+            return None
         from .estimate import estimate_step
 
         device = "cpu" if self.backend == "cpu" else "cuda"
-        hook = self._item.config.hook
-        self._state.estimates.append(
-            estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
-                          hook=hook, **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
-        )
+        try:
+            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
+                                 hook=self._item.config.hook,
+                                 **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
+        except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
+            self._item.add_report_section(
+                "call", "gpumem estimate", f"no estimate for this step ({type(exc).__name__}: {exc}); not compared"
+            )
+            return None
 
     @contextlib.contextmanager
     def track(self, model=None, optimizer=None, batch=None):
