@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .allocator import CachingAllocatorModel
 from .units import format_bytes, parse_bytes
 
 __all__ = ["advise_batch_size", "max_batch_size", "BatchAdvice", "StepModel", "SizeFit", "Probe", "fit_size",
@@ -48,6 +49,7 @@ class Probe:
     ops: tuple[Op, ...]
     peak: int
     rounding: Callable[[int], int]
+    whole_blocks: bool = False  #: allocated bytes follow the caching allocator's blocks (cuda, emulated)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, bac
     inputs, target = make_batch(batch_size)
     report = measure_step(model, optimizer_factory(model.parameters()), inputs, target=target, loss_fn=loss_fn,
                           backend=be, steps=steps)
-    return Probe(batch_size, _log_of(be.trackers[-1]), report.peak, be.rounding)
+    return Probe(batch_size, _log_of(be.trackers[-1]), report.peak, be.rounding, be.models_caching_allocator)
 
 
 def _estimate(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:
@@ -156,6 +158,7 @@ class StepModel:
     ops: tuple[tuple[int, str, bool], ...]   #: (instance, phase, is allocation)
     sizes: dict[int, SizeFit]
     rounding: Callable[[int], int]
+    whole_blocks: bool = False
 
     @classmethod
     def from_probes(cls, probes: Sequence[Probe]) -> "StepModel":
@@ -166,21 +169,27 @@ class StepModel:
         raws = [{i: raw for i, _, raw in probe.ops if raw is not None} for probe in probes]
         sizes = {i: fit_size([(p.batch_size, r[i]) for p, r in zip(probes, raws)]) for i in raws[0]}
         ops = tuple((i, p, raw is not None) for i, p, raw in probes[0].ops)
-        return cls(ops, sizes, probes[0].rounding)
+        return cls(ops, sizes, probes[0].rounding, probes[0].whole_blocks)
 
     def peak(self, batch_size: int) -> tuple[int, int, str, int]:
         """(peak bytes, its op index, phase, storages live then) of a step at ``batch_size``, by replay."""
         live: dict[int, int] = {}
+        allocator = CachingAllocatorModel() if self.whole_blocks else None
         allocated = best = 0
         where = (0, "", 0)
         for index, (instance, phase, alloc) in enumerate(self.ops):
             if alloc:
                 live[instance] = self.rounding(self.sizes[instance].at(batch_size))
-                allocated += live[instance]
+                if allocator is not None:
+                    allocator.malloc(instance, live[instance])
+                allocated = allocator.allocated if allocator is not None else allocated + live[instance]
                 if allocated > best:
                     best, where = allocated, (index, phase, len(live))
             else:
-                allocated -= live.pop(instance)
+                size = live.pop(instance)
+                if allocator is not None:
+                    allocator.free(instance)
+                allocated = allocator.allocated if allocator is not None else allocated - size
         return (best, *where)
 
     def line_at(self, op_index: int) -> tuple[Fraction, Fraction]:

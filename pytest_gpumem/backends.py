@@ -61,6 +61,11 @@ class Backend:
         """Cheaper equivalents of slow kernels the tracker may run instead (None: always the op itself)."""
         return None
 
+    @property
+    def models_caching_allocator(self) -> bool:
+        """Whether allocated bytes follow the CUDA caching allocator's blocks (cuda, emulated)."""
+        return self.rounding is round_allocation
+
     def make_tracker(self) -> StorageTracker:
         tracker = StorageTracker(self.tracked_device_type, self.rounding, self.kernel_shortcuts)
         self.trackers.append(tracker)
@@ -75,9 +80,24 @@ class Backend:
     def phase_ended(self, step: int, phase: Phase) -> None:
         """Called at the end of every phase."""
 
+    def after_placement(self, tracker: StorageTracker) -> None:
+        """Called once the model, optimizer and batch are on the device, before the step runs."""
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context the forward and backward passes run in (the emulated backend patches kernels)."""
         return contextlib.nullcontext()
+
+    def loop_context(self, optimizer) -> contextlib.AbstractContextManager:
+        """Context a hand-written loop (``track()``) runs in: forward, backward and optimizer together."""
+        return contextlib.nullcontext()
+
+    def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for this backend's device."""
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def explain_failure(self, exc: BaseException) -> str | None:
+        """Advice for an error the step raised on this backend (None: nothing to add)."""
+        return None
 
     def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
         """Context optimizer.step() runs in (the emulated backend picks CUDA's default implementation)."""
@@ -136,8 +156,22 @@ class EmulatedBackend(Backend):
 
         stack = contextlib.ExitStack()
         stack.enter_context(emulation.cuda_semantics())
-        stack.enter_context(emulation.predict_cuda_optimizer(optimizer))
+        if optimizer is not None:
+            stack.enter_context(emulation.predict_cuda_optimizer(optimizer))
         return stack
+
+    def loop_context(self, optimizer) -> contextlib.AbstractContextManager:
+        return self.optimizer_context(optimizer)
+
+    def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+        from .emulation import emulated_autocast  # torch.autocast("cuda") as CUDA does it, on meta
+
+        return emulated_autocast(dtype)
+
+    def explain_failure(self, exc: BaseException) -> str | None:
+        from .emulation import explain_meta_failure
+
+        return explain_meta_failure(exc)
 
     def grad_scaler(self, scaler):
         """A real GradScaler disables itself without a GPU; the emulated one runs its kernels on meta."""
@@ -151,18 +185,32 @@ class EmulatedBackend(Backend):
         return scaler
 
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
+        """Allocated and reserved bytes from the allocator model, the category split from the tracker.
+
+        The model hands out whole blocks: a cached or fresh large block is not split when less than
+        1 MiB would remain, so allocated bytes can exceed the 512-B-rounded request; that surplus is
+        ``other``, as on a real GPU.
+        """
         model = CachingAllocatorModel()
-        reserved_after = model.replay(tracker.allocation_events())
+        allocated_after: list[int] = []
+        reserved_after: list[int] = []
+        for key, delta in tracker.allocation_events():
+            if delta > 0:
+                model.malloc(key, delta)
+            elif delta < 0:
+                model.free(key)
+            allocated_after.append(model.allocated)
+            reserved_after.append(model.reserved)
         stats = []
-        reserved_before = 0
+        allocated_before = reserved_before = 0
         for r in replays:
             first, end = r.events
-            window = reserved_after[first:end]
-            reserved_peak = max(window, default=reserved_before)
-            reserved_peak = max(reserved_peak, reserved_before)
+            peak = max(allocated_after[first:end], default=allocated_before)
+            peak = max(peak, allocated_before)
+            reserved_peak = max(max(reserved_after[first:end], default=reserved_before), reserved_before)
             if end > first:
-                reserved_before = reserved_after[end - 1]
-            stats.append(PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, reserved_peak))
+                allocated_before, reserved_before = allocated_after[end - 1], reserved_after[end - 1]
+            stats.append(_with_allocator_figures(r, peak, allocated_before, reserved_peak))
         return stats
 
 
@@ -177,7 +225,7 @@ class CudaBackend(Backend):
 
     name: str = "cuda"
     _foreign: int = 0
-    _allocator: dict[tuple[int, Phase], tuple[int, int, int]] = field(default_factory=dict)
+    _allocator: dict[tuple[int, Phase], list[tuple[int, int, int]]] = field(default_factory=dict)
 
     @property
     def rounding(self) -> Callable[[int], int]:
@@ -189,40 +237,60 @@ class CudaBackend(Backend):
     def begin(self) -> None:
         warm_up_cuda(self.device)
 
-    def set_foreign_baseline(self, tracked_bytes: int) -> None:
-        """Bytes allocated now that the tracker does not account for are not the step's."""
-        self._foreign = torch.cuda.memory_allocated(self.device) - tracked_bytes
+    def after_placement(self, tracker: StorageTracker) -> None:
+        """Bytes allocated now that the tracker does not account for (model, batch, state) are not the step's."""
+        self._foreign = torch.cuda.memory_allocated(self.device) - tracker.live_bytes()
 
     def phase_started(self, step: int, phase: Phase) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def phase_ended(self, step: int, phase: Phase) -> None:
-        self._allocator[(step, phase)] = (
+        figures = (
             torch.cuda.max_memory_allocated(self.device),
             torch.cuda.memory_allocated(self.device),
             torch.cuda.max_memory_reserved(self.device),
         )
+        # a phase can recur within a step (gradient accumulation): keep its largest peaks, latest retained
+        self._allocator.setdefault((step, phase), []).append(figures)
 
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         stats = []
+        seen: dict[tuple[int, Phase], int] = {}
         for r in replays:
-            peak, now, reserved = self._allocator.get((r.step, r.phase), (r.peak, r.retained, 0))
-            peak, now = peak - self._foreign, now - self._foreign
-            # the allocator is the authority on bytes; what it holds beyond the tracker is 'other'
-            peak_split = dict(r.peak_split)
-            peak_split[Category.OTHER] += peak - r.peak
-            retained_split = dict(r.retained_split)
-            retained_split[Category.OTHER] += now - r.retained
-            stats.append(PhaseStats(r.phase, peak, now, peak_split, retained_split, reserved))
+            occurrence = seen[(r.step, r.phase)] = seen.get((r.step, r.phase), -1) + 1
+            recorded = self._allocator.get((r.step, r.phase), [])
+            peak, now, reserved = recorded[occurrence] if occurrence < len(recorded) else (r.peak, r.retained, None)
+            stats.append(_with_allocator_figures(r, peak - self._foreign, now - self._foreign, reserved))
         return stats
 
 
+def _with_allocator_figures(r: PhaseReplay, peak: int, retained: int, reserved: int | None) -> PhaseStats:
+    """The allocator's (or its model's) bytes, split by the tracker; what it holds beyond the tracker is 'other'."""
+    peak_split = dict(r.peak_split)
+    peak_split[Category.OTHER] += peak - r.peak
+    retained_split = dict(r.retained_split)
+    retained_split[Category.OTHER] += retained - r.retained
+    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved)
+
+
 def warm_up_cuda(device: torch.device) -> None:
-    """Create cuBLAS handles and workspaces before measuring, so results do not depend on test order."""
-    a = torch.ones(64, 64, device=device, requires_grad=True)
-    (a @ a).sum().backward()
-    del a
+    """Create cuBLAS/cuBLASLt handles and workspaces (fp32 and half GEMMs, a convolution) before measuring,
+    and release cached blocks, so figures do not depend on which test ran first."""
+    torch.cuda.set_device(device)
+    x = torch.ones(8, 64, device=device, requires_grad=True)
+    w = torch.ones(64, 64, device=device, requires_grad=True)
+    b = torch.zeros(64, device=device, requires_grad=True)
+    torch.nn.functional.linear(x, w, b).sum().backward()  # addmm: the cuBLASLt path
+    (x @ w).sum().backward()
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            torch.nn.functional.linear(x, w, b).float().sum().backward()
+    image = torch.ones(2, 3, 16, 16, device=device, requires_grad=True)
+    kernel = torch.ones(4, 3, 3, 3, device=device, requires_grad=True)
+    torch.nn.functional.conv2d(image, kernel).sum().backward()
+    del x, w, b, image, kernel
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # reserved figures start from what is in use, not other tests' cache
 
 
 def cuda_device_for_worker(worker_id: str | None) -> torch.device:

@@ -169,7 +169,8 @@ class Manager:
             state.reports.append(excinfo.value.partial)
             if isinstance(excinfo.value, OutOfMemory):
                 failures.append(f"gpu_budget: {excinfo.value.args[0]}")
-                traceback.clear_frames(excinfo.tb)  # drop the step's tensors so the next test starts clean
+                _release_frames(excinfo.value)  # drop the step's tensors so the next test starts clean
+                gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         if report.passed:
@@ -299,6 +300,16 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+def _release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of every frame in ``exc``'s traceback and those of its causes and contexts."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
 def _summary_row(record: dict[str, Any]) -> SummaryRow:
     rep = StepReport.from_dict(record["report"])
     budget = record.get("budget") or {}
@@ -343,8 +354,12 @@ class GpuMem:
         self._manager = manager
         self._item = item
         self._state = manager.state_for(item)
+        if self._state.backend_name == "cuda" and not torch.cuda.is_available():
+            pytest.skip("gpu_budget(backend='cuda') needs a GPU; torch.cuda.is_available() is False here")
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
         self._backend_factory = lambda: make_backend(self._state.backend_name, cuda_device=cuda_device)
         probe = self._backend_factory()
         #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
@@ -400,10 +415,14 @@ class GpuMem:
     def track(self, model=None, optimizer=None, batch=None):
         """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
         backend = self._backend()
-        with self._snapshot(backend), track(model, optimizer, batch, backend=backend) as handle:
-            self._state.trackers.extend(backend.trackers)
-            yield handle
-        self._state.reports.append(handle.report)
+        handle = None
+        try:
+            with self._snapshot(backend), track(model, optimizer, batch, backend=backend) as handle:
+                self._state.trackers.extend(backend.trackers)
+                yield handle
+        finally:
+            if handle is not None and handle.report is not None:  # also when the loop raised: a partial report
+                self._state.reports.append(handle.report)
 
     def fuzz(self, *args, **kwargs):
         """Property-check the user's model family with hypothesis (see ``pytest_gpumem.fuzz.fuzz``)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .backends import Backend, CudaBackend, make_backend
+from .backends import Backend, make_backend
 from .categories import PHASES, Category, Phase
 from .results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
@@ -163,6 +163,11 @@ class Session:
         self.classify()
         return model, optimizer
 
+    def adopt_batch(self, batch: Any) -> None:
+        """Mark batch tensors already on the device as batch (they were allocated before the step)."""
+        device = self.backend.device
+        self.tracker.mark((t for t in _tensors(batch) if _same_device(t.device, device)), Category.BATCH)
+
     def place_batch(self, batch: Any) -> Any:
         """The batch on the backend's device, its storages marked as batch."""
         batch = move_batch(batch, self.backend.device)
@@ -176,7 +181,8 @@ class Session:
         stats = self.backend.phase_stats(self.tracker, replays)
         by_step: dict[int, dict[Phase, PhaseStats]] = {}
         for replay, stat in zip(replays, stats):
-            by_step.setdefault(replay.step, {})[replay.phase] = stat
+            phases = by_step.setdefault(replay.step, {})
+            phases[replay.phase] = _merge(phases.get(replay.phase), stat)
         steps = []
         for index in sorted(by_step):
             phases = by_step[index]
@@ -196,6 +202,16 @@ class Session:
         )
 
 
+def _merge(earlier: PhaseStats | None, later: PhaseStats) -> PhaseStats:
+    """One phase that ran twice in a step (gradient accumulation): the larger peak, the later retained."""
+    if earlier is None:
+        return later
+    top = earlier if earlier.peak >= later.peak else later
+    reserved = [r for r in (earlier.reserved_peak, later.reserved_peak) if r is not None]
+    return PhaseStats(later.phase, top.peak, later.retained, top.peak_split, later.retained_split,
+                      max(reserved) if reserved else None)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -211,13 +227,9 @@ def _failure(session: Session, exc: BaseException) -> StepFailed:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return OutOfMemory(f"CUDA out of memory{where}: {str(exc).splitlines()[0]}", partial)
     message = f"{type(exc).__name__}{where}: {exc}"
-    if session.backend.name == "emulated":
-        with contextlib.suppress(ImportError):
-            from .emulation import explain_meta_failure
-
-            explained = explain_meta_failure(exc)
-            if explained:
-                message = f"{message}\n{explained}"
+    explained = session.backend.explain_failure(exc)
+    if explained:
+        message = f"{message}\n{explained}"
     return StepFailed(message, partial)
 
 
@@ -251,19 +263,19 @@ def measure_step(
         with session:
             session.phase(0, Phase.SETUP)
             model, optimizer = session.place_model(model, optimizer)
-            if isinstance(be, CudaBackend):
-                be.set_foreign_baseline(session.tracker.live_bytes())
+            session.adopt_batch((batch, target))
+            be.after_placement(session.tracker)
             session.phase(0, Phase.BATCH)
             inputs, target = session.place_batch((batch, target))
             scaler = be.grad_scaler(scaler)
             for index in range(steps):
                 _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
+            gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
     except StepFailed:
         raise
     except Exception as exc:  # the partial report travels with the error
         raise _failure(session, exc) from exc
     finally:
-        gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
         if frozen:
             gc.unfreeze()
     return session.close()
@@ -282,21 +294,11 @@ def _freeze_older_objects() -> bool:
     return True
 
 
-def _autocast(backend: Backend, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    if backend.name == "emulated":
-        from .emulation import emulated_autocast
-
-        return emulated_autocast(dtype)
-    return torch.autocast(backend.device.type, dtype=dtype)
-
-
 def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
     """forward -> backward -> optimizer -> zero_grad, each its own phase."""
     session.phase(index, Phase.FORWARD)
     with session.backend.forward_context():
-        with _autocast(session.backend, autocast_dtype):
+        with session.backend.autocast(autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext():
             output = call_model(model, inputs)
             loss = loss_fn(output, target)
         session.phase(index, Phase.BACKWARD)
@@ -362,22 +364,38 @@ def track(
         if optimizer is not None:
             session.optimizer = optimizer
             undo.append(optimizer.register_step_pre_hook(lambda o, a, k: enter(Phase.OPTIMIZER)).remove)
-            original_zero_grad = optimizer.zero_grad
-
-            def zero_grad(*args, **kwargs):
-                enter(Phase.ZERO_GRAD)
-                return original_zero_grad(*args, **kwargs)
-
-            optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
-            undo.append(lambda: optimizer.__dict__.pop("zero_grad", None))
+            undo.append(_wrap_zero_grad(optimizer, lambda: enter(Phase.ZERO_GRAD)))
         session.classify()
-        session.phase(0, Phase.BATCH)
         if batch is not None:
             session.batch_tensors = _tensors(batch)
             session.tracker.mark(session.batch_tensors, Category.BATCH)
+        be.after_placement(session.tracker)
+        session.phase(0, Phase.BATCH)
         try:
-            yield handle
+            with be.loop_context(optimizer):
+                yield handle
         finally:
             for fn in reversed(undo):
                 fn()
-    handle.report = session.close()
+            handle.report = session.close()
+
+
+def _wrap_zero_grad(optimizer: torch.optim.Optimizer, before: Callable[[], None]) -> Callable[[], None]:
+    """Call ``before`` ahead of every optimizer.zero_grad(); return the function that undoes it."""
+    had_own = "zero_grad" in optimizer.__dict__
+    previous = optimizer.__dict__.get("zero_grad")
+    original = optimizer.zero_grad
+
+    def zero_grad(*args, **kwargs):
+        before()
+        return original(*args, **kwargs)
+
+    optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if had_own:
+            optimizer.zero_grad = previous  # type: ignore[method-assign]
+        else:
+            optimizer.__dict__.pop("zero_grad", None)
+
+    return undo

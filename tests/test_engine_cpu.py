@@ -91,11 +91,24 @@ def test_categories_equal_closed_form_sums(model_name, opt_name):
     assert after_backward[Category.ACTIVATIONS] == 0
 
 
-def test_setup_and_batch_phases_hold_exactly_the_model_then_the_batch():
+def test_setup_holds_what_existed_before_the_step_the_batch_phase_what_it_copied():
+    """On the cpu backend the batch is already on the device: it existed before the step, so it belongs
+    to setup (chronology), and the batch phase copies nothing."""
     report, params, buffers, batch = run("cnn", "sgd")
     setup, batch_phase = report.steps[0].phases[Phase.SETUP], report.steps[0].phases[Phase.BATCH]
-    assert setup.retained == nbytes(params) + nbytes(buffers)
-    assert batch_phase.retained - setup.retained == nbytes(batch)
+    assert setup.retained == nbytes(params) + nbytes(buffers) + nbytes(batch)
+    assert setup.retained_split[Category.BATCH] == nbytes(batch)
+    assert batch_phase.retained == setup.retained
+
+
+def test_batch_phase_holds_the_copy_of_a_batch_from_another_device():
+    """The emulated backend copies a CPU batch to the (meta) device during the batch phase."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, backend="emulated")
+    setup, batch_phase = report.steps[0].phases[Phase.SETUP], report.steps[0].phases[Phase.BATCH]
+    assert setup.retained_split[Category.BATCH] == 0
+    assert batch_phase.retained_split[Category.BATCH] == x.numel() * x.element_size()
 
 
 def test_mlp_activations_closed_form():

@@ -171,3 +171,54 @@ def test_loss_closing_over_the_model_sees_the_emulated_parameters():
     # the penalty's abs() outputs are temporaries of the forward: one per parameter tensor at least
     forward = report.steps[0].phases[Phase.FORWARD]
     assert forward.peak_split[Category.TEMPORARIES] > 0
+
+
+def test_large_block_without_a_split_counts_whole_as_on_cuda():
+    """The caching allocator splits a large block only when more than 1 MiB would remain, and counts the
+    whole block as allocated: an 11.5 MiB batch gets a 12 MiB segment (2 MiB rounding) and holds all 12."""
+    from pytest_gpumem.allocator import segment_size
+
+    batch_bytes = 11 * 2**20 + 2**19
+    rows = batch_bytes // (64 * 4)
+    model = nn.Linear(64, 1, bias=False)
+    x = torch.randn(rows, 64)
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, backend="emulated", steps=1)
+    batch_phase = report.steps[0].phases[Phase.BATCH]
+    assert segment_size(batch_bytes) == 12 * 2**20
+    surplus = segment_size(batch_bytes) - round_allocation(batch_bytes)  # 0.5 MiB: too small to split off
+    assert batch_phase.retained - report.steps[0].phases[Phase.SETUP].retained == batch_bytes + surplus
+    assert batch_phase.retained_split[Category.BATCH] == batch_bytes
+
+
+def test_track_applies_cuda_semantics_on_the_emulated_backend():
+    """A hand-written loop under track() saves dropout's 1-byte mask, as train_step does."""
+    from pytest_gpumem import track
+
+    model = nn.Sequential(nn.Linear(32, 256), nn.Dropout(0.5)).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(64, 32, device="meta")
+    with track(model, optimizer, x, backend="emulated") as handle:
+        model(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    mask_bytes = 64 * 256  # bool: one byte per element (a float noise tensor would be 4 x that)
+    forward = handle.report.steps[0].phases[Phase.FORWARD]
+    assert forward.retained_split[Category.ACTIVATIONS] == mask_bytes
+
+
+def test_track_keeps_the_larger_peak_of_a_phase_that_recurs_in_a_step():
+    """Gradient accumulation: two backward passes before one optimizer step; the big one must not be lost."""
+    from pytest_gpumem import track
+
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 8)).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    big, small = torch.randn(256, 64, device="meta"), torch.randn(4, 64, device="meta")
+    with track(model, optimizer, backend="emulated") as handle:
+        model(big).sum().backward()
+        model(small).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with track(model, optimizer, backend="emulated") as alone:
+        model(big).sum().backward()
+    first = handle.report.steps[0].phases[Phase.BACKWARD].peak
+    assert first >= alone.report.steps[0].phases[Phase.BACKWARD].peak
