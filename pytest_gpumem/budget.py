@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .backends import BACKENDS
 from .categories import Category
 from .results import StepReport
 from .units import format_bytes, format_percent, parse_bytes
@@ -78,16 +79,32 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
     if kind == "reserved" and categories:
         raise BudgetError("per-category budgets apply to allocated bytes; kind='reserved' takes only a total")
     backend = kwargs.get("backend")
-    if backend is not None and backend not in ("auto", "cuda", "cpu", "emulated"):
-        raise BudgetError(f"backend={backend!r}: expected one of 'auto', 'cuda', 'cpu', 'emulated'")
+    if backend is not None and backend not in BACKENDS:
+        raise BudgetError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
     leak = kwargs.get("leak")
     leak_bytes = None if leak is None else _size("leak", leak, allow_zero=True)
     rtol = kwargs.get("rtol")
     if rtol is not None and rtol is not False:  # False: no estimate check for this test
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 10:
-            raise BudgetError(f"rtol={rtol!r}: expected a number such as 0.05 (5%) between 0 and 10, or False")
-        rtol = float(rtol)
+        rtol = parse_rtol(rtol)
+        if rtol is None:
+            rtol = False
     return Budget(total, categories, kind, backend, leak_bytes, rtol)
+
+
+def parse_rtol(value: Any) -> float | None:
+    """A relative tolerance from 0.05, '0.05', '5%' or 'off' (None); BudgetError names anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    if isinstance(value, bool):
+        raise BudgetError(f"rtol={value!r}: expected a fraction such as 0.05, '5%', or 'off'")
+    text = str(value).strip()
+    try:
+        rtol = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise BudgetError(f"rtol={value!r}: expected a fraction such as 0.05, '5%', or 'off'") from None
+    if not 0 <= rtol < float("inf"):
+        raise BudgetError(f"rtol={value!r}: must be a finite number >= 0")
+    return rtol
 
 
 @dataclass(frozen=True)

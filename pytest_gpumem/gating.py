@@ -47,10 +47,10 @@ def add_gating_options(parser: pytest.Parser) -> None:
     for flag, ini, is_flag, help_text in OPTIONS:
         if is_flag:
             group.addoption(flag, action="store_true", default=None, dest=ini, help=help_text)
-            parser.addini(ini, help=help_text, type="bool", default=False)
+            parser.addini(ini, help=help_text.replace("%%", "%"), type="bool", default=False)
         else:
             group.addoption(flag, action="store", default=None, dest=ini, metavar="PATH", help=help_text)
-            parser.addini(ini, help=help_text, default="")
+            parser.addini(ini, help=help_text.replace("%%", "%"), default="")  # argparse escapes %, ini help not
 
 
 def _value(config: pytest.Config, ini: str) -> Any:
@@ -199,7 +199,8 @@ class GatingPlugin:
 
     def _save_baseline(self, rows: list[Mapping[str, Any]]) -> None:
         """Save measured records, merged into the previous file when it is from the same backend and device."""
-        measured = [r for r in rows if r.get("report")]
+        # a failed test's figures (an out-of-memory step's partial report among them) are no baseline
+        measured = [r for r in rows if r.get("report") and r.get("outcome", "passed") == "passed"]
         origins = sorted({(r["report"]["backend"], r["report"]["device"]) for r in measured})
         if not origins:
             self._warnings.append(f"gpumem: baseline {self.save_path} not written: no test was measured")

@@ -336,15 +336,10 @@ def _junit_properties(record: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _parse_rtol(value: Any) -> float | None:
-    if value is None or str(value).strip().lower() in ("", "off", "none"):
-        return None
     try:
-        rtol = float(str(value).strip().rstrip("%")) / (100 if str(value).strip().endswith("%") else 1)
-    except ValueError:
-        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol = {value!r}: expected a fraction such as 0.05, 5%, or 'off'") from None
-    if rtol < 0:
-        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol = {value!r}: must not be negative")
-    return rtol
+        return budgets.parse_rtol(value)
+    except budgets.BudgetError as exc:
+        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol: {exc}") from None
 
 
 class GpuMem:

@@ -50,7 +50,11 @@ def snapshot_context(directory: str | os.PathLike[str], nodeid: str, *, enabled:
     cuda_memory._record_memory_history(max_entries=MAX_ENTRIES)
     try:
         yield result
-        cuda_memory._dump_snapshot(str(target))
-        result.path = target
-    finally:
-        cuda_memory._record_memory_history(enabled=None)
+    finally:  # dumped on failure too: an out-of-memory step is when a snapshot matters most
+        partial = target.with_name(target.name + ".tmp")
+        try:
+            cuda_memory._dump_snapshot(str(partial))
+            os.replace(partial, target)
+            result.path = target
+        finally:
+            cuda_memory._record_memory_history(enabled=None)

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from .backends import Backend, make_backend
 from .categories import PHASES, Category, Phase
+from .loss import call_model, default_loss  # noqa: F401  (also used by estimate)
 from .results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
 from .twins import device_copies, model_device, move_batch, optimizer_twin, swapped_in
@@ -34,29 +35,6 @@ class StepFailed(RuntimeError):
 
 class OutOfMemory(StepFailed):
     """The device ran out of memory during the step."""
-
-
-def default_loss(output: Any, target: Any) -> torch.Tensor:
-    """sum() of the output without a target; cross-entropy for integer targets; MSE for float ones."""
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the model returned {type(output).__name__}, not a tensor: pass loss_fn=... to say how to "
-            "turn it into a scalar loss"
-        )
-    if target is None:
-        return output.sum()
-    if not target.is_floating_point():
-        return nn.functional.cross_entropy(output, target)
-    return nn.functional.mse_loss(output, target)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """model(*inputs) for a tuple/list batch, model(**inputs) for a dict, model(inputs) otherwise."""
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -30,6 +30,8 @@ GiB = 2**30
         (("1GB",), {"backend": "cpu"}, Budget(total=10**9, backend="cpu")),
         (("1GB",), {"leak": "0B"}, Budget(total=10**9, leak=0)),
         ((), {"rtol": 0.05}, Budget(rtol=0.05)),
+        ((), {"rtol": "5%"}, Budget(rtol=0.05)),  # the same forms as --gpumem-rtol
+        ((), {"rtol": False}, Budget(rtol=False)),
         ((), {}, Budget()),
     ],
 )
@@ -52,7 +54,8 @@ def test_marker_arguments_accepted(args, kwargs, expected):
         ((), {"kind": "reserved", "activations": "1GB"}, "kind='reserved' takes only a total"),
         (("1GB",), {"backend": "tpu"}, "backend='tpu'"),
         (("1GB",), {"leak": "lots"}, "leak='lots'"),
-        (("1GB",), {"rtol": "5%"}, "rtol='5%'"),
+        (("1GB",), {"rtol": "five"}, "rtol='five'"),
+        (("1GB",), {"rtol": -0.1}, "rtol=-0.1"),
         (("1GB",), {"rtol": True}, "rtol=True"),
         (("1GB",), {"grads": [1]}, "grads=[1]"),
     ],
