@@ -9,6 +9,7 @@ the emulated backend; the budget is that + 25%, rounded up.
 """
 import pytest
 import torch
+from hypothesis import settings
 
 from pytest_gpumem import parse_bytes
 from pytest_gpumem import strategies as gst
@@ -26,7 +27,8 @@ def test_mlp_family_fits_budget_and_matches_estimate(gpumem):
         batch_sizes=gst.batch_sizes(max_value=64),
         optimizer=gst.optimizers(kinds=["sgd", "sgd_momentum", "adam", "adamw"]),
         rtol=0.05,
-        max_examples=15,
+        # the same 15 examples on every run, so the committed CI baseline (examples/ci/) stays comparable
+        settings=settings(max_examples=15, derandomize=True, database=None, deadline=None),
     )
     assert result.examples >= 15  # every drawn step was measured (and each one fit the budget)
     assert max(result.peaks) <= BUDGET_BYTES
