@@ -127,6 +127,7 @@ class Template:
     first_op: int = 0                       #: the tracer's op counter when the block began
     n_ops: int = 0                          #: ops the block ran
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
+    save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
 
 class _Outputs(torch.autograd.Function):
@@ -230,7 +231,8 @@ class BlockCache:
         block = tr.calls[first_call]
         t = Template(block.name, block.depth, first_call, first_save, block.children,
                      list(tr.calls[first_call + 1:]), list(tr.order[first_save:]), list(block.saved), output,
-                     {id(m): n for n, m in module.named_modules(remove_duplicate=False)}, uses=uses)
+                     {id(m): n for n, m in module.named_modules(remove_duplicate=False)}, uses=uses,
+                     save_ops=list(tr.save_ops[first_save:]))
         slot_of: dict[int, int] = {}
         exact: dict[int, int] = {}
 
@@ -361,6 +363,7 @@ class BlockCache:
             )
             tr.calls.append(new)
         tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
+        tr.save_ops.extend(op + shift_op for op in t.save_ops)
         tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
         tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)

@@ -57,7 +57,13 @@ def compare(report: StepReport, estimate: Estimate, rtol: float = 0.05) -> Compa
     # both sides and are not the estimate's to predict: the peak is compared without them
     est_tracked = estimate.peak - estimate.peak_split.get(Category.OTHER, 0)
     got_tracked = report.peak - report.peak_split.get(Category.OTHER, 0)
-    rows.append(Row("peak", est_tracked, got_tracked, _within(est_tracked, got_tracked, rtol)))
+    # ... unless the allocated peaks themselves agree: on a tiny step several instants hold the same 512-B
+    # blocks, and which one is 'the peak' (so its tracked bytes) follows the exact alloc/free order
+    # (an 8-8-2 MLP at batch 1: 7.00 KiB allocated on both sides, 472 B vs 560 B tracked)
+    if not _within(est_tracked, got_tracked, rtol) and _within(estimate.peak, report.peak, rtol):
+        rows.append(Row("peak", estimate.peak, report.peak, True))
+    else:
+        rows.append(Row("peak", est_tracked, got_tracked, _within(est_tracked, got_tracked, rtol)))
     ok = all(r.ok for r in rows)
     lines = [f"estimate ({estimate.device}) vs measured ({report.backend}), rtol {rtol:.0%}:",
              f"{'':13}{'estimated':>14}{'measured':>14}{'diff':>10}"]

@@ -267,6 +267,7 @@ class _Trace:
     reused: tuple[int, int] = (0, 0)  #: (block calls replayed, block templates recorded)
     loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
+    save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
 
 def _top_pack_hook() -> Any:
@@ -314,12 +315,15 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
             h.remove()
         if cache is not None:
             cache.restore()
-    param_keys = {_storage_key(t) for t in itertools.chain(twin.parameters(), twin.buffers())}
+    # a loss closing over ``model`` (an L1 penalty) reads the user's own parameters, not the twin's: what it
+    # saves of them (abs() saves its input) is a parameter, not an activation
+    param_keys = {_storage_key(t) for t in itertools.chain(twin.parameters(), twin.buffers(),
+                                                           model.parameters(), model.buffers())}
     batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
     reused = (cache.hits, cache.records) if cache is not None else (0, 0)
     return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
-                  tracer.uses)
+                  tracer.uses, tracer.save_ops)
 
 
 def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
@@ -379,6 +383,7 @@ class _Tracer:
         self.calls: list[_Call] = []
         self.stack: list[int] = []
         self.order: list[tuple[int, torch.Tensor]] = []
+        self.save_ops: list[int] = []  #: per entry of ``order``: the op that saved it (autograd packs after the op ran)
         self.names = {id(m): n for n, m in twin.named_modules()}
         self.twin = twin
         self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
@@ -426,6 +431,7 @@ class _Tracer:
         if self.stack:
             self.calls[self.stack[-1]].saved.append(t)
             self.order.append((self.stack[-1], t))
+            self.save_ops.append(self.ops - 1)
         return t
 
     def unwind(self) -> None:
@@ -477,6 +483,7 @@ class _Save:
     alloc: int
     key: int | None  #: storage key, None for formula-made tensors
     region: int | None = None  #: checkpoint region: not kept in forward, recomputed when backward reaches it
+    op: int | None = None  #: the op that saved it (traced saves): backward frees it once past that op
 
 
 def _covered(calls: list[_Call]) -> list[bool]:
@@ -520,7 +527,8 @@ def _saves(trace: _Trace, round_fn: Callable[[int], int]) -> tuple[list[_Save], 
                 return
             seen.add(key)
             raw = t_or_n.untyped_storage().nbytes()
-            out.append(_Save(call.index, position, raw, round_fn(raw), key, r))
+            op = trace.save_ops[int(position)] if len(trace.save_ops) == len(trace.order) else None
+            out.append(_Save(call.index, position, raw, round_fn(raw), key, r, op))
         elif isinstance(t_or_n, int) and t_or_n > 0:
             out.append(_Save(call.index, position, int(t_or_n), round_fn(int(t_or_n)), None, r))
 
@@ -587,6 +595,18 @@ class _Leaf:
     region: int | None = None  #: checkpoint region: backward recomputes the region's saves on reaching it
     cross_raw: tuple[int, ...] = ()  #: backward: grads of earlier tensors used again later (residuals), held
     cast_raw: tuple[int, ...] = ()  #: backward: grads of autocast's low-precision parameter copies, before the cast back
+    #: forward transients (of out_new and in_live) that a later call saves: the tracker files a storage under
+    #: what it ends up as, so at this instant they are activations in the split (the bytes are the same)
+    later_saved: tuple[int, ...] = ()
+    #: forward, the loss only (user code: an L1 penalty's |p| per parameter): the storages made inside the call
+    #: and alive at its busiest op (each raw), and the call's own saves (alloc) not made yet at that op
+    inner_live: tuple[int, ...] = ()
+    inner_unsaved: tuple[int, int] = (0, 0)  #: (raw, allocated)
+    #: a traced call (nn.MultiheadAttention's functional body): per grad_raw entry, the op whose backward makes
+    #: it; backward then frees the call's saves op by op between them instead of after all its grads
+    grad_ops: tuple[int, ...] = ()
+    grad_split: tuple[tuple[int, ...], ...] = ()  #: per grad_ops entry: slice-grad sums just before that op
+    grad_inner: tuple[tuple[int, ...], ...] = ()  #: per grad_ops entry: bytes of the call's inner and output grads alive there
     inner_raw: int = 0  #: backward: the largest grad of a tensor the call made and used itself (log_softmax in CE)
 
 
@@ -599,6 +619,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
     """The leaf calls in forward order with the sizes the peak model needs."""
     accounted_children = {c.parent for c in trace.calls if not covered[c.index] and c.parent is not None}
     saved_by_position: list[tuple[int, int | None]] = [(s.position, s.key) for s in saves if s.region is None]
+    saved_ever = {k for _, k in saved_by_position if k is not None}
     region = regions_of(trace.calls)
     life = _Lifetimes(trace)
     skip = trace.param_keys | trace.batch_keys
@@ -626,18 +647,88 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
         in_keys = {_storage_key(t) for t in c.inputs}
-        in_live = tuple(life.storage[k] for k in life.alive_through(c) if k not in saved_now and k != out_key
-                        and k not in skip)
+        live_keys = [k for k in life.alive_through(c) if k not in saved_now and k != out_key and k not in skip]
+        later = tuple(life.storage[k] for k in live_keys if k in saved_ever)
+        in_live = tuple(life.storage[k] for k in live_keys if k not in saved_ever)
+        if out_new and out_key in saved_ever:
+            later, out_new = later + (out_new,), 0
         cross = tuple(life.grad[k] for k in life.grad_through(c) if k not in in_keys and k != out_key
                       and k not in skip)
         own_casts = [cast for cast in life.casts if c.op_start <= cast[0] < c.op_end]
         in_live += tuple(b for _, _, k, b in own_casts if k not in saved_now)
+        grads, grad_ops = tuple(grads_of.pop(c.index, ())), ()
+        grad_inner: tuple[tuple[int, ...], ...] = ()
+        grad_split: tuple[tuple[int, ...], ...] = ()
+        if c.items is None and c.module is not None and grads and c.index not in accum_of:
+            grads, grad_ops = _grads_by_op(c, grads, life)
+            inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
+            # the output's grad goes once backward is past the op that made the output (out_proj)
+            out_op = life.first.get(out_key, c.op_end)
+            grad_inner = tuple(tuple(life.grad[k] for k in inner if life.first[k] <= op <= life.last_grad.get(k, -1))
+                               + ((_nbytes(out),) if out.requires_grad and op >= out_op else ()) for op in grad_ops)
+            # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
+            # each slice's backward makes a zero-filled full-size grad and they are summed, so the running sum,
+            # the last slice's full-size grad and their sum (3 x the storage) are alive together, beside the
+            # other n - 1 slices' grads, before the grad op below it (in_proj) runs and before the call's input
+            # grad exists (measured on the CPU: 3 x 13824 + 2 x 4608 B for B=8, L=6, E=24)
+            split = {}
+            for k in inner:
+                n = len(life.slices.get(k, ()))
+                if n >= 2:
+                    below = [op for op in grad_ops if op <= life.first[k]]
+                    if below:
+                        size = life.storage[k]
+                        split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 1)
+            grad_split = tuple(split.get(op, ()) for op in grad_ops)
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
-                            out_new, in_live, tuple(grads_of.pop(c.index, ())),
+                            out_new, in_live, grads, grad_ops=grad_ops, grad_inner=grad_inner, grad_split=grad_split,
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
-                            inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs})))
+                            inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
+                            later_saved=later,
+                            **(_loss_transients(c, trace, life, saves,
+                                                skip | {_storage_key(t) for t in outs} | saved_ever)
+                               if c.module is None else {})))
     return leaves
+
+
+def _grads_by_op(c: _Call, grads: tuple[int, ...], life: "_Lifetimes") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A traced call's parameter grads in its own parameter order, each with the op of its last differentiable
+    use inside the call (backward makes the grad there); no ops when they cannot all be placed."""
+    params = [p for p in c.module.parameters() if p.requires_grad]
+    if sorted(map(_nbytes, params)) != sorted(grads):
+        return grads, ()
+    ops = tuple(life.last_grad.get(_storage_key(p), -1) for p in params)
+    if not all(c.op_start <= op < c.op_end for op in ops):
+        return grads, ()
+    return tuple(map(_nbytes, params)), ops
+
+
+def _loss_transients(c: _Call, trace: _Trace, life: "_Lifetimes", saves: list[_Save],
+                     skip: set[int]) -> dict[str, Any]:
+    """The loss call's busiest op among what it computes from the parameters directly (an L1 penalty's |p|):
+    those storages alive there that nobody saves (``skip`` holds the saved ones, its output, parameters and
+    batch), and the call's own saves not yet made at that op (as _Leaf fields)."""
+    from_params = set(trace.param_keys)
+    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+        group = list(group)
+        if any(kind != OUT and _storage_key(t) in from_params for _, t, kind in group):
+            from_params.update(_storage_key(t) for _, t, kind in group if kind == OUT)
+    made = [k for k in life.made_in(c) if k not in skip]
+    if not any(k in from_params for k in made):
+        return {}
+    own = [(life.first.get(s.key, c.op_end), s.raw, s.alloc) for s in saves
+           if s.call == c.index and s.region is None and s.key is not None]
+    best: tuple[int, tuple[int, ...], tuple[int, int]] | None = None
+    for op in range(c.op_start, c.op_end):
+        alive_keys = [k for k in made if life.first[k] <= op <= life.last[k]]
+        if not any(k in from_params for k in alive_keys):
+            continue
+        alive = tuple(life.storage[k] for k in alive_keys)
+        unsaved = (sum(r for first, r, _ in own if first > op), sum(a for first, _, a in own if first > op))
+        if alive and (best is None or sum(alive) - unsaved[0] >= best[0]):
+            best = (sum(alive) - unsaved[0], alive, unsaved)
+    return {} if best is None else {"inner_live": best[1], "inner_unsaved": best[2]}
 
 
 class _Lifetimes:
@@ -659,6 +750,8 @@ class _Lifetimes:
         #: (op, parameter storage, its low-precision copy's storage, the copy's bytes)
         self.casts: list[tuple[int, int, int, int]] = []
         self._cast_copies: set[int] = set()
+        #: storage -> offsets of the distinct partial views of it used differentiably (q, k, v of one projection)
+        self.slices: dict[int, set[int]] = {}
         grad_in: dict[int, list[torch.Tensor]] = {}
         for op, t, kind in trace.uses:
             k = _storage_key(t)
@@ -667,6 +760,8 @@ class _Lifetimes:
             self.storage.setdefault(k, t.untyped_storage().nbytes())
             if kind == GRAD_IN:
                 self.last_grad[k] = op
+                if _nbytes(t) < t.untyped_storage().nbytes():
+                    self.slices.setdefault(k, set()).add(t.storage_offset())
                 self.grad[k] = max(self.grad.get(k, 0), _nbytes(t))
                 grad_in.setdefault(op, []).append(t)
             elif kind == OUT:
@@ -689,6 +784,11 @@ class _Lifetimes:
 
     def _before(self, c: _Call) -> list[int]:
         return self._by_first[:bisect.bisect_left(self._firsts, c.op_start)]
+
+    def made_in(self, c: _Call) -> list[int]:
+        """Storages first made by an op of call ``c``."""
+        lo, hi = bisect.bisect_left(self._firsts, c.op_start), bisect.bisect_left(self._firsts, c.op_end)
+        return self._by_first[lo:hi]
 
     def alive_through(self, c: _Call) -> list[int]:
         """Storages made before call ``c`` began that stay alive until its last op."""
@@ -874,7 +974,12 @@ def estimate_step(
             while pending is not None and pending.position <= leaf.position:
                 live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
                 pending = next(save_iter, None)
-            live.observe([(T, leaf.out_new + sum(leaf.in_live), rnd(leaf.out_new) + sum(map(rnd, leaf.in_live)))])
+            live.observe([(T, leaf.out_new + sum(leaf.in_live), rnd(leaf.out_new) + sum(map(rnd, leaf.in_live))),
+                          (Category.ACTIVATIONS, sum(leaf.later_saved), sum(map(rnd, leaf.later_saved)))])
+            if leaf.inner_live:
+                live.observe([(T, sum(leaf.inner_live) + sum(leaf.in_live),
+                               sum(map(rnd, leaf.inner_live)) + sum(map(rnd, leaf.in_live))),
+                              (Category.ACTIVATIONS, -leaf.inner_unsaved[0], -leaf.inner_unsaved[1])])
         while pending is not None:
             live.add(Category.ACTIVATIONS, pending.raw, pending.alloc)
             pending = next(save_iter, None)
@@ -922,10 +1027,33 @@ def estimate_step(
                 extra = held + casts
             else:
                 extra = [(T, leaf.out_raw, rnd(leaf.out_raw))] + held
-            extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
-            live.observe(extra)
-            for g in new_grads:
-                live.add(Category.GRADS, g, rnd(g))
+            if leaf.grad_ops and new_grads and not leaf.cast_raw and leaf.region is None:
+                # a traced call runs many ops (attention: in_proj, sdpa, out_proj): backward makes each grad
+                # at its op and frees the saves of later ops before it (attention's saves go before in_proj's
+                # weight grad appears)
+                mine = []
+                while remaining and remaining[-1].position > threshold:
+                    mine.append(remaining.pop())
+                mine.sort(key=lambda s: -1 if s.op is None else s.op)
+                extra = held  # grad_inner has the output's grad where it is still alive
+                for op in sorted(set(leaf.grad_ops), reverse=True):
+                    while mine and mine[-1].op is not None and mine[-1].op > op:
+                        free(mine.pop(), recomputed)
+                    made = [g for g, o in zip(new_grads, leaf.grad_ops) if o == op]
+                    at = leaf.grad_ops.index(op)
+                    inner = leaf.grad_inner[at]
+                    if leaf.grad_split and leaf.grad_split[at]:
+                        live.observe(held[1:] + [(T, g, rnd(g)) for g in leaf.grad_split[at]])
+                    live.observe(extra + [(T, g, rnd(g)) for g in inner] + [(Category.GRADS, g, rnd(g)) for g in made])
+                    for g in made:
+                        live.add(Category.GRADS, g, rnd(g))
+                for s in mine:
+                    free(s, recomputed)
+            else:
+                extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
+                live.observe(extra)
+                for g in new_grads:
+                    live.add(Category.GRADS, g, rnd(g))
             # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution
             # and the out-of-place sum are alive beside the old grad (measured: 2 x the parameter's bytes)
             for g in leaf.accum_raw:
@@ -951,7 +1079,7 @@ def estimate_step(
             live.observe(tensors(T, sc.unscale))
         if step == 0 and not eager:
             live.add(Category.OPTIMIZER, opt_raw, opt_alloc)
-        live.observe([(T, temps, temps)] + (tensors(T, sc.step) if sc is not None else []))
+        live.observe([(T, temps[0], temps[1])] + (tensors(T, sc.step) if sc is not None else []))
         close(step, Phase.OPTIMIZER)
         peaks_this_step.append(live.peak)
 
@@ -988,12 +1116,15 @@ def _scaler_enabled(scaler: Any, device: str) -> bool:
     return bool(getattr(scaler, "is_enabled", lambda: True)())
 
 
-def _optimizer_figures(optimizer, device: str, rnd, hooks, notes: list[str]) -> tuple[int, int, int, bool]:
-    """(raw state bytes, allocated state bytes, peak step() temporaries, eager?) of ``optimizer`` on ``device``."""
+def _optimizer_figures(optimizer, device: str, rnd, hooks,
+                       notes: list[str]) -> tuple[int, int, tuple[int, int], bool]:
+    """(raw state bytes, allocated state bytes, peak step() temporaries (raw, allocated), eager?) of
+    ``optimizer`` on ``device``."""
     if optimizer is None:
-        return 0, 0, 0, False
+        return 0, 0, (0, 0), False
     rule = rule_for(optimizer)
-    raw = alloc = temps = 0
+    raw = alloc = 0
+    temps = (0, 0)
     for group in optimizer.param_groups:
         params = [p for p in group["params"] if p.requires_grad]
         for p in params:
@@ -1010,8 +1141,13 @@ def _optimizer_figures(optimizer, device: str, rnd, hooks, notes: list[str]) -> 
                 r, a = state_bytes_on(rule.state(group, p), device, rnd)
                 raw, alloc = raw + r, alloc + a
         if rule is not None:
-            sizes = [rnd(_nbytes(p)) for p in params]
-            temps = max(temps, rule.temporaries(group, sizes, is_foreach(group, device)))
+            # raw and allocated: the same rule over raw sizes and over the allocator's blocks (compare() judges
+            # the peak without 'other', so the rounding must not be filed as temporaries)
+            foreach = is_foreach(group, device)
+            raw_temps = rule.temporaries(group, [_nbytes(p) for p in params], foreach)
+            alloc_temps = rule.temporaries(group, [rnd(_nbytes(p)) for p in params], foreach)
+            if alloc_temps > temps[1]:
+                temps = (raw_temps, alloc_temps)
     if rule is None:
         notes.append(f"no optimizer rule for {type(optimizer).__name__}: its state is not estimated "
                      "(implement pytest_gpumem_optimizer_state_bytes)")

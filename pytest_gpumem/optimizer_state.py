@@ -94,34 +94,158 @@ def is_foreach(group: Group, device: str) -> bool:
 
 
 # -- temporaries ------------------------------------------------------------------------------
-# Per-parameter loop: the transients of one parameter at a time, so k * max(p).
-# foreach: a list of param-sized results for the whole group at once, so k * sum(p).
+# foreach: lists of param-sized results for the whole group at once, so k * sum(p).
+# Per-parameter loop: each param's transients, plus the locals the previous iteration bound and the loop
+# has not rebound yet (``denom``/``std`` of the last param stay alive until the next param's is made).
 # fused kernels update in place: 0.
 
-
-def _adam_temporaries(group: Group, sizes: Sequence[int], foreach: bool) -> int:
-    """Adam/AdamW: per param, denom = (v.sqrt() / bc2).add_(eps) holds sqrt and quotient (2p), Adam's
-    L2 weight decay adds grad.add(p) (+p); foreach: _foreach_sqrt(v) (P) after the L2 grads (P) are freed."""
-    if not sizes or group.get("fused"):
-        return 0
-    l2 = group.get("weight_decay", 0) != 0 and not group.get("decoupled_weight_decay", False)
-    if foreach:
-        return sum(sizes)
-    return (2 + int(l2)) * max(sizes)
+#: One statement of a per-parameter loop body: (local name or "" for a transient, param-sized tensors the
+#: statement leaves bound to it (0: rebound to a non-temporary, e.g. ``grad = grads[i]``), param-sized
+#: tensors alive only while the statement runs, beside the old value and the new one)
+LoopStatement = tuple[str, int, int]
 
 
-def _sgd_temporaries(group: Group, sizes: Sequence[int], foreach: bool) -> int:
-    """SGD: weight decay makes grad.add(p) (+p), nesterov makes grad.add(buf) (+p); both alive together."""
-    if not sizes or group.get("fused"):
-        return 0
-    wd = group.get("weight_decay", 0) != 0
+def loop_peak(sizes: Sequence[int], body: Sequence[LoopStatement]) -> int:
+    """Peak transient bytes of a Python loop running ``body`` once per parameter (sizes in param order).
+
+    A statement ``x = f(...)`` makes its result (and its inner transients) while the old ``x`` is still
+    bound; the old one is freed on rebinding. E.g. Adagrad's ``std = state_sum.sqrt().add_(eps)``: on the
+    second param, the first param's std and the new one are both alive (W + b, not 2 x max).
+    """
+    held: dict[str, int] = {}
+    peak = 0
+    for p in sizes:
+        for name, kept, during in body:
+            live = sum(held.values())
+            peak = max(peak, live + (kept + during) * p)
+            if name:
+                held[name] = kept * p
+    return peak
+
+
+def _loop_or_foreach(body: Callable[[Group], Sequence[LoopStatement]],
+                     lists: Callable[[Group], int]) -> TempFn:
+    """A TempFn from a loop body (per-parameter path) and a count of param-sized lists (foreach path)."""
+
+    def temporaries(group: Group, sizes: Sequence[int], foreach: bool) -> int:
+        if not sizes or group.get("fused"):
+            return 0
+        return lists(group) * sum(sizes) if foreach else loop_peak(sizes, body(group))
+
+    temporaries.__doc__ = body.__doc__
+    return temporaries
+
+
+def _wd(group: Group) -> bool:
+    return group.get("weight_decay", 0) != 0
+
+
+def _l2(group: Group) -> bool:
+    """Weight decay added to the grad (a new grad tensor), not decoupled into the param."""
+    return _wd(group) and not group.get("decoupled_weight_decay", False)
+
+
+def _grad(group: Group, l2: bool) -> list[LoopStatement]:
+    """``grad = grads[i]`` frees the last param's decayed grad; ``grad = grad.add(p, alpha=wd)`` makes one."""
+    return [("grad", 0, 0)] + ([("grad", 1, 0)] if l2 else [])
+
+
+def _adam_body(group: Group) -> list[LoopStatement]:
+    """Adam/AdamW loop: denom = (v.sqrt() / bc2).add_(eps): sqrt is freed once the quotient (kept) exists."""
+    return _grad(group, _l2(group)) + [("denom", 1, 1)]
+
+
+def _adam_lists(group: Group) -> int:
+    """Adam/AdamW foreach: _foreach_sqrt(v), after the L2 grads (if any) are freed."""
+    return 1
+
+
+def _sgd_body(group: Group) -> list[LoopStatement]:
+    """SGD loop: weight decay makes grad.add(p), nesterov grad.add(buf) beside it."""
     nesterov = bool(group.get("nesterov")) and group.get("momentum", 0) != 0
-    k = int(wd) + int(nesterov)
-    return k * (sum(sizes) if foreach else max(sizes))
+    return _grad(group, _wd(group)) + ([("grad", 1, 0)] if nesterov else [])
+
+
+def _sgd_lists(group: Group) -> int:
+    """SGD foreach: the decayed grads; nesterov adds the buffers into them in place."""
+    return int(_wd(group))
+
+
+def _adagrad_body(group: Group) -> list[LoopStatement]:
+    """Adagrad loop: std = state_sum.sqrt().add_(eps), kept until the next param's std."""
+    return _grad(group, _wd(group)) + [("std", 1, 0)]
+
+
+def _adagrad_lists(group: Group) -> int:
+    """Adagrad foreach: std, and the decayed grads or (without decay) numerator = grads * -clr."""
+    return 2
+
+
+def _rmsprop_body(group: Group) -> list[LoopStatement]:
+    """RMSprop loop: avg = square_avg.sqrt() (centered: square_avg.addcmul(g_avg, g_avg).sqrt_()), kept."""
+    return _grad(group, _wd(group)) + [("avg", 1, 0)]
+
+
+def _rmsprop_lists(group: Group) -> int:
+    """RMSprop foreach: avg, plus the decayed grads."""
+    return 1 + int(_wd(group))
+
+
+def _adamax_body(group: Group) -> list[LoopStatement]:
+    """Adamax loop: torch.maximum(exp_inf, grad.abs().add_(eps), out=exp_inf): one transient."""
+    return _grad(group, _wd(group)) + [("", 0, 1)]
+
+
+def _adamax_lists(group: Group) -> int:
+    """Adamax foreach: |grads| (with decay: the decayed grads, made absolute in place)."""
+    return 1
+
+
+def _nadam_body(group: Group) -> list[LoopStatement]:
+    """NAdam loop: denom = exp_avg_sq.div(bc2).sqrt(): the quotient is freed once denom (kept) exists."""
+    return _grad(group, _l2(group)) + [("denom", 1, 1)]
+
+
+def _nadam_lists(group: Group) -> int:
+    """NAdam foreach: sqrt(exp_avg_sq), beside the L2-decayed grads."""
+    return 1 + int(_l2(group))
+
+
+def _radam_body(group: Group) -> list[LoopStatement]:
+    """RAdam loop: bias_corrected_exp_avg = exp_avg / bc1 (kept), then bias_corrected_exp_avg * lr.
+
+    That is the unrectified branch (rho_t <= 5: the first ~5 steps with beta2=0.999, which a measured
+    step is); later steps also make sqrt(exp_avg_sq) and the rectified quotient (about one more param)."""
+    return _grad(group, _l2(group)) + [("bias_corrected", 1, 0), ("", 0, 1)]
+
+
+def _radam_lists(group: Group) -> int:
+    """RAdam foreach: sqrt(exp_avg_sq); the decayed grads are deleted before it."""
+    return 1
+
+
+def _adadelta_body(group: Group) -> list[LoopStatement]:
+    """Adadelta loop: std = square_avg.add(eps).sqrt_() and delta = acc_delta.add(eps).sqrt_(), both kept."""
+    return _grad(group, _wd(group)) + [("std", 1, 0), ("delta", 1, 0)]
+
+
+def _adadelta_lists(group: Group) -> int:
+    """Adadelta foreach: std and deltas, plus the decayed grads."""
+    return 2 + int(_wd(group))
+
+
+_adam_temporaries = _loop_or_foreach(_adam_body, _adam_lists)
+_sgd_temporaries = _loop_or_foreach(_sgd_body, _sgd_lists)
+_adagrad_temporaries = _loop_or_foreach(_adagrad_body, _adagrad_lists)
+_rmsprop_temporaries = _loop_or_foreach(_rmsprop_body, _rmsprop_lists)
+_adamax_temporaries = _loop_or_foreach(_adamax_body, _adamax_lists)
+_nadam_temporaries = _loop_or_foreach(_nadam_body, _nadam_lists)
+_radam_temporaries = _loop_or_foreach(_radam_body, _radam_lists)
+_adadelta_temporaries = _loop_or_foreach(_adadelta_body, _adadelta_lists)
 
 
 def _generic_temporaries(group: Group, sizes: Sequence[int], foreach: bool) -> int:
-    """Other optimizers (approximate): two param-sized transients per param in the loop, one list in foreach."""
+    """Optimizers without a rule of their own (approximate): one list in foreach, two params in the loop."""
     if not sizes or group.get("fused"):
         return 0
     return sum(sizes) if foreach else 2 * max(sizes)
@@ -143,13 +267,13 @@ def adam_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     return (_step(group), _like("exp_avg", p), _like("exp_avg_sq", p), *extra)
 
 
-@optimizer_rule(torch.optim.Adagrad, temporaries=_generic_temporaries, eager=True)
+@optimizer_rule(torch.optim.Adagrad, temporaries=_adagrad_temporaries, eager=True)
 def adagrad_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """Adagrad: step and sum, both created in __init__ (step on the device only when fused)."""
     return (_step(group), _like("sum", p))
 
 
-@optimizer_rule(torch.optim.RMSprop, temporaries=_generic_temporaries)
+@optimizer_rule(torch.optim.RMSprop, temporaries=_rmsprop_temporaries)
 def rmsprop_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """RMSprop: step, square_avg (+ momentum_buffer if momentum > 0, + grad_avg if centered)."""
     extra = ((_like("momentum_buffer", p),) if group.get("momentum", 0) > 0 else ()) + (
@@ -158,13 +282,13 @@ def rmsprop_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     return (_step(group, fused_ok=False), _like("square_avg", p), *extra)
 
 
-@optimizer_rule(torch.optim.Adamax, temporaries=_generic_temporaries)
+@optimizer_rule(torch.optim.Adamax, temporaries=_adamax_temporaries)
 def adamax_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """Adamax: step, exp_avg, exp_inf."""
     return (_step(group, fused_ok=False), _like("exp_avg", p), _like("exp_inf", p))
 
 
-@optimizer_rule(torch.optim.NAdam, temporaries=_generic_temporaries)
+@optimizer_rule(torch.optim.NAdam, temporaries=_nadam_temporaries)
 def nadam_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """NAdam: step and mu_product scalars, exp_avg, exp_avg_sq."""
     return (
@@ -175,13 +299,13 @@ def nadam_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     )
 
 
-@optimizer_rule(torch.optim.RAdam, temporaries=_generic_temporaries)
+@optimizer_rule(torch.optim.RAdam, temporaries=_radam_temporaries)
 def radam_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """RAdam: step, exp_avg, exp_avg_sq."""
     return (_step(group, fused_ok=False), _like("exp_avg", p), _like("exp_avg_sq", p))
 
 
-@optimizer_rule(torch.optim.Adadelta, temporaries=_generic_temporaries)
+@optimizer_rule(torch.optim.Adadelta, temporaries=_adadelta_temporaries)
 def adadelta_state(group: Group, p: torch.Tensor) -> tuple[StateTensor, ...]:
     """Adadelta: step, square_avg, acc_delta."""
     return (_step(group, fused_ok=False), _like("square_avg", p), _like("acc_delta", p))

@@ -22,7 +22,7 @@ from pytest_gpumem.fuzz import FuzzFailure, fuzz
 from pytest_gpumem.step import measure_step
 from pytest_gpumem.strategies import MLPConfig, OptimizerFactory
 
-#: The optimizers whose CPU figures the estimator gets right today (RMSprop/Adagrad: see KNOWN_GAPS).
+#: The optimizers fuzzed with every family (RMSprop/Adagrad: their own test below).
 AGREEING_OPTIMIZERS = gst.optimizers(kinds=["sgd", "sgd_momentum", "adam", "adamw"])
 SGD = OptimizerFactory.of(torch.optim.SGD, lr=1e-3)
 SMALL_BATCHES = gst.batch_sizes(max_value=16)
@@ -39,7 +39,6 @@ FAMILIES = {
 # Disagreements over 2% that this suite's fuzzing found in the estimator (estimate.py, not ours), each shrunk
 # to its minimal example; strict, so the mark must go when the estimator is fixed.
 KNOWN_GAPS = {
-    ("transformer", "cpu"): "nn.TransformerEncoderLayer activations and peak off by up to ~20% on the CPU",
     ("transformer", "emulated"): "nn.TransformerEncoderLayer peak off by up to ~9% emulated",
 }
 
@@ -76,18 +75,11 @@ def test_measurement_matches_estimate_within_2_percent_emulated(family):
     assert result.worst_row <= 0.02
 
 
-@pytest.mark.xfail(raises=FuzzFailure, strict=True,
-                   reason="estimator over-states RMSprop/Adagrad step() temporaries on the CPU by ~2x "
-                          "(e.g. 198 KiB vs 99 KiB for MLPConfig(368, (69,), 13)): peak +23%")
 def test_rmsprop_and_adagrad_on_cpu():
     fuzz(gst.mlp_configs(min_width=8, max_width=256), batch_sizes=SMALL_BATCHES,
          optimizer=gst.optimizers(kinds=["rmsprop", "adagrad"]), backend="cpu", rtol=0.02, settings=NO_SHRINK)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="found by benchmarks/fuzz_agreement.py (200 examples), shrunk: a Dropout after a strided "
-                          "1x1 conv saves 3-5% more activations than estimated (cpu -3.0%, emulated -4.8%); the "
-                          "ci profile's 20 examples do not reach it, the dev profile's 200 may")
 @pytest.mark.parametrize(("backend", "batch_size"), [("cpu", 1), ("emulated", 4)])
 def test_cnn_dropout_after_strided_1x1_conv(backend, batch_size):
     _assert_agrees(gst.CNNConfig(1, 8, (8,), (1,), (2,), 2, batch_norm=False, dropout=0.1), batch_size, backend)
