@@ -49,7 +49,8 @@ def add_gating_options(parser: pytest.Parser) -> None:
             group.addoption(flag, action="store_true", default=None, dest=ini, help=help_text)
             parser.addini(ini, help=help_text.replace("%%", "%"), type="bool", default=False)
         else:
-            group.addoption(flag, action="store", default=None, dest=ini, metavar="PATH", help=help_text)
+            metavar = {"--gpumem-fail-regression": "SPEC", "--gpumem-snapshot": "DIR"}.get(flag, "PATH")
+            group.addoption(flag, action="store", default=None, dest=ini, metavar=metavar, help=help_text)
             parser.addini(ini, help=help_text.replace("%%", "%"), default="")  # argparse escapes %, ini help not
 
 
