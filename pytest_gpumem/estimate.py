@@ -608,6 +608,10 @@ class _Leaf:
     grad_split: tuple[tuple[int, ...], ...] = ()  #: per grad_ops entry: slice-grad sums just before that op
     grad_inner: tuple[tuple[int, ...], ...] = ()  #: per grad_ops entry: bytes of the call's inner and output grads alive there
     inner_raw: int = 0  #: backward: the largest grad of a tensor the call made and used itself (log_softmax in CE)
+    #: a traced call: per op of it with no parameter grad whose backward makes input grads (attention's sdpa),
+    #: (op, the call's grads alive while that op's backward runs: its output grads, the input grads it makes,
+    #: inner grads held across it, the residual's or the call output's grad)
+    op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -659,18 +663,32 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         grads, grad_ops = tuple(grads_of.pop(c.index, ())), ()
         grad_inner: tuple[tuple[int, ...], ...] = ()
         grad_split: tuple[tuple[int, ...], ...] = ()
+        op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
         if c.items is None and c.module is not None and grads and c.index not in accum_of:
             grads, grad_ops = _grads_by_op(c, grads, life)
             inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
             # the output's grad goes once backward is past the op that made the output (out_proj)
             out_op = life.first.get(out_key, c.op_end)
-            grad_inner = tuple(tuple(life.grad[k] for k in inner if life.first[k] <= op <= life.last_grad.get(k, -1))
-                               + ((_nbytes(out),) if out.requires_grad and op >= out_op else ()) for op in grad_ops)
+            # an input used differentiably after the call (the residual of post-norm ``x + sa(x)``) has its grad
+            # from that later use held through the whole backward of the call: the add passes the output's grad
+            # on to it unchanged, so below out_op the output's grad is still alive as that input's grad, until the
+            # call's input grad is summed into it (measured on the CPU: B=3, L=1, E=8, the residual's 96 B beside
+            # in_proj's weight grad)
+            residual = tuple(life.grad[k] for k in dict.fromkeys(_storage_key(t) for t in c.inputs if t.requires_grad)
+                             if k not in skip and k != out_key and life.last_grad.get(k, -1) >= c.op_end)
+            # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
+            # that grad is the call's input grad, which in_raw counts
+            copies = _input_copies(c, trace, skip)
+            grad_inner = tuple(tuple(life.grad[k] for k in inner
+                                     if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
+                               + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
+                               for op in grad_ops)
             # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
-            # each slice's backward makes a zero-filled full-size grad and they are summed, so the running sum,
-            # the last slice's full-size grad and their sum (3 x the storage) are alive together, beside the
-            # other n - 1 slices' grads, before the grad op below it (in_proj) runs and before the call's input
-            # grad exists (measured on the CPU: 3 x 13824 + 2 x 4608 B for B=8, L=6, E=24)
+            # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
+            # slices' full-size grads and their sum (3 x the storage) are alive together, beside the other
+            # n - 2 slices' grads (and the residual's grad, below), before the grad op below it (in_proj) runs
+            # and before the call's input grad exists (measured on the CPU: 3 x 13824 + 4608 B, and the
+            # residual's 4608 B, for B=8, L=6, E=24; emulated, B=14, L=1, E=28 with dropout)
             split = {}
             for k in inner:
                 n = len(life.slices.get(k, ()))
@@ -678,10 +696,12 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
                     below = [op for op in grad_ops if op <= life.first[k]]
                     if below:
                         size = life.storage[k]
-                        split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 1)
-            grad_split = tuple(split.get(op, ()) for op in grad_ops)
+                        split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 2)
+            grad_split = tuple(split[op] + residual if op in split else () for op in grad_ops)
+            op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
                             out_new, in_live, grads, grad_ops=grad_ops, grad_inner=grad_inner, grad_split=grad_split,
+                            op_peaks=op_peaks,
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
                             inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
@@ -690,6 +710,53 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
                                                 skip | {_storage_key(t) for t in outs} | saved_ever)
                                if c.module is None else {})))
     return leaves
+
+
+def _input_copies(c: _Call, trace: _Trace, skip: set[int]) -> set[int]:
+    """Storages call ``c`` makes as whole copies of its input (or of such a copy): an op whose differentiable
+    inputs are all the input's storage and whose one output has a new storage of the same size."""
+    ins = {_storage_key(t): t.untyped_storage().nbytes() for t in c.inputs if t.requires_grad}
+    ins = {k: n for k, n in ins.items() if k not in skip}
+    copies: set[int] = set()
+    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+        group = list(group)
+        read = {_storage_key(t) for _, t, kind in group if kind == GRAD_IN}
+        made = {_storage_key(t): t.untyped_storage().nbytes() for _, t, kind in group if kind == OUT}
+        if len(read) == 1 and len(made) == 1:
+            (src,), ((dst, n),) = read, made.items()
+            if src in ins and dst not in ins and n == ins[src]:
+                ins[dst] = n
+                copies.add(dst)
+    return copies
+
+
+def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], grad_ops: set[int], skip: set[int],
+              out: torch.Tensor, out_op: int, residual: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Per op of traced call ``c`` that makes grads of the call's own tensors and no parameter grad (attention's
+    sdpa): the grads alive while its backward runs. Its output's grad is still alive as it makes one grad per
+    differentiable input view (q, k, v of one packed projection: three), beside inner grads held across it and
+    the residual's grad (below the op making the call's output) or the output's (measured on the emulated
+    backend: B=1, L=1, E=8, the sdpa backward is the step's peak, two 512-B blocks over out_proj's grads)."""
+    inner_set = set(inner)
+    by_op: dict[int, list[tuple[torch.Tensor, int]]] = {}
+    for op, t, kind in trace.uses:
+        if c.op_start <= op < c.op_end:
+            by_op.setdefault(op, []).append((t, kind))
+    out_key = _storage_key(out)
+    peaks = []
+    for op, used in sorted(by_op.items()):
+        if op in grad_ops or any(_storage_key(t) in trace.param_keys for t, kind in used if kind == GRAD_IN):
+            continue
+        made = [_nbytes(t) for t, kind in used if kind == GRAD_IN and _storage_key(t) in inner_set
+                and life.first[_storage_key(t)] < op and life.last_grad.get(_storage_key(t)) == op]
+        if not made:
+            continue
+        outs = {_storage_key(t) for t, kind in used if kind == OUT and t.requires_grad} - skip
+        out_grads = [life.grad[k] for k in outs if k in life.grad and k != out_key]
+        held = [life.grad[k] for k in inner if k not in outs and life.first[k] < op < life.last_grad.get(k, -1)]
+        tail = (_nbytes(out),) if out.requires_grad and op >= out_op else residual
+        peaks.append((op, tuple(out_grads + made + held) + tail))
+    return tuple(peaks)
 
 
 def _grads_by_op(c: _Call, grads: tuple[int, ...], life: "_Lifetimes") -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -1036,9 +1103,13 @@ def estimate_step(
                     mine.append(remaining.pop())
                 mine.sort(key=lambda s: -1 if s.op is None else s.op)
                 extra = held  # grad_inner has the output's grad where it is still alive
-                for op in sorted(set(leaf.grad_ops), reverse=True):
+                op_peaks = dict(leaf.op_peaks)
+                for op in sorted(set(leaf.grad_ops) | set(op_peaks), reverse=True):
                     while mine and mine[-1].op is not None and mine[-1].op > op:
                         free(mine.pop(), recomputed)
+                    if op in op_peaks:
+                        live.observe(held[1:] + [(T, g, rnd(g)) for g in op_peaks[op]])
+                        continue
                     made = [g for g, o in zip(new_grads, leaf.grad_ops) if o == op]
                     at = leaf.grad_ops.index(op)
                     inner = leaf.grad_inner[at]
