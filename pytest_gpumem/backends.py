@@ -235,6 +235,8 @@ class CudaBackend(Backend):
         return torch.cuda.get_device_name(self.device)
 
     def begin(self) -> None:
+        self._allocator.clear()  # a backend object may measure several sessions
+        self._foreign = 0
         warm_up_cuda(self.device)
 
     def after_placement(self, tracker: StorageTracker) -> None:

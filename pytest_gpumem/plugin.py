@@ -165,14 +165,19 @@ class Manager:
         verbose = self.config.getoption("verbose") > 0
         failures: list[str] = []
         excinfo = call.excinfo
-        if excinfo is not None and isinstance(excinfo.value, StepFailed) and excinfo.value.partial is not None:
-            state.reports.append(excinfo.value.partial)
-            if isinstance(excinfo.value, OutOfMemory):
-                failures.append(f"gpu_budget: {excinfo.value.args[0]}")
-                _release_frames(excinfo.value)  # drop the step's tensors so the next test starts clean
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        error = excinfo.value if excinfo is not None else None
+        if isinstance(error, StepFailed) and error.partial is not None:
+            state.reports.append(error.partial)
+        # train_step wraps an OOM in OutOfMemory; inside gpumem.track() the user's loop raises torch's own
+        out_of_memory = isinstance(error, (OutOfMemory, torch.cuda.OutOfMemoryError))
+        if out_of_memory:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            where = "" if isinstance(error, OutOfMemory) else "CUDA out of memory inside gpumem.track(): "
+            failures.append(f"gpu_budget: {where}{first_line}")
+            _release_frames(error)  # drop the step's tensors so the next test starts clean
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if report.passed:
             if state.budget is not None and not state.budget.is_empty and not state.reports:
                 failures.append(
@@ -194,7 +199,7 @@ class Manager:
         if state.reports:
             peak_report = max(state.reports, key=lambda r: r.peak)
             report.sections.append(("gpumem", peak_report.table(verbose=verbose)))
-        if failures and (report.passed or isinstance(getattr(excinfo, "value", None), OutOfMemory)):
+        if failures and (report.passed or out_of_memory):
             report.outcome = "failed"
             report.longrepr = "\n".join(failures)
         if record is not None:

@@ -20,7 +20,7 @@ from .categories import PHASES, Category, Phase
 from .loss import call_model, default_loss  # noqa: F401  (also used by estimate)
 from .results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
-from .twins import device_copies, model_device, move_batch, optimizer_twin, swapped_in
+from .twins import device_copies, model_device, model_twin, move_batch, optimizer_twin, swapped_in
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -61,6 +61,7 @@ class Session:
         self.report: StepReport | None = None
         self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._entered = False
+        self._closing = False
         self._restore = contextlib.ExitStack()  # puts the user's own tensors back into their model
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -78,17 +79,19 @@ class Session:
         """End the current phase, stop tracking and build the report (idempotent)."""
         if self.report is not None:
             return self.report
-        if self.current is not None:
-            self._end_phase()
-        if self._entered:
-            self._saving.__exit__(None, None, None)
-            self.tracker.__exit__(None, None, None)
-            self._entered = False
-        self.tracker.close()
         try:
+            if self.current is not None and not self._closing:
+                self._closing = True  # a second close() after a failure must not end the phase twice
+                self.classify()
+                self.backend.phase_ended(*self.current)
+            if self._entered:
+                self._entered = False
+                self._saving.__exit__(None, None, None)
+                self.tracker.__exit__(None, None, None)
+            self.tracker.close()
             self.report = self._build_report()
         finally:
-            self._restore.close()
+            self._restore.close()  # the user's model gets its own tensors back whatever happened
         return self.report
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -134,9 +137,13 @@ class Session:
         current = model_device(model)
         if current is not None and current != device and not _same_device(current, device):
             mapping = device_copies(model, device)
+            twin = model_twin(model, mapping)  # runs the step: its own attributes, lists and caches remapped
+            # a loss that closes over the user's model (an L1 penalty over model.parameters()) must see the
+            # same copies; the user's model never runs, and gets its own tensors back when the step ends
             self._restore.enter_context(swapped_in(model, mapping))
             if optimizer is not None:
                 optimizer = optimizer_twin(optimizer, mapping, device)
+            model = twin
         self.model, self.optimizer = model, optimizer
         self.classify()
         return model, optimizer
@@ -198,10 +205,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _failure(session: Session, exc: BaseException) -> StepFailed:
     """Wrap ``exc`` with the partial report; say what to do when the emulated backend hits a value."""
+    where = f" during {session.current[1].value} of step {session.current[0]}" if session.current else ""
     partial = None
     with contextlib.suppress(Exception):
         partial = session.close()
-    where = f" during {session.current[1].value} of step {session.current[0]}" if session.current else ""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return OutOfMemory(f"CUDA out of memory{where}: {str(exc).splitlines()[0]}", partial)
     message = f"{type(exc).__name__}{where}: {exc}"
@@ -335,21 +342,21 @@ def track(
 
     session.tracker.on_dispatch = on_dispatch
     with session:
-        session.phase(0, Phase.SETUP)
-        if model is not None:
-            session.model = model
-            undo.append(model.register_forward_pre_hook(lambda m, a: enter(Phase.FORWARD)).remove)
-        if optimizer is not None:
-            session.optimizer = optimizer
-            undo.append(optimizer.register_step_pre_hook(lambda o, a, k: enter(Phase.OPTIMIZER)).remove)
-            undo.append(_wrap_zero_grad(optimizer, lambda: enter(Phase.ZERO_GRAD)))
-        session.classify()
-        if batch is not None:
-            session.batch_tensors = _tensors(batch)
-            session.tracker.mark(session.batch_tensors, Category.BATCH)
-        be.after_placement(session.tracker)
-        session.phase(0, Phase.BATCH)
-        try:
+        try:  # from the first hook on: whatever fails, the user's model and optimizer are left as they were
+            session.phase(0, Phase.SETUP)
+            if model is not None:
+                session.model = model
+                undo.append(model.register_forward_pre_hook(lambda m, a: enter(Phase.FORWARD)).remove)
+            if optimizer is not None:
+                session.optimizer = optimizer
+                undo.append(optimizer.register_step_pre_hook(lambda o, a, k: enter(Phase.OPTIMIZER)).remove)
+                undo.append(_wrap_zero_grad(optimizer, lambda: enter(Phase.ZERO_GRAD)))
+            session.classify()
+            if batch is not None:
+                session.batch_tensors = _tensors(batch)
+                session.tracker.mark(session.batch_tensors, Category.BATCH)
+            be.after_placement(session.tracker)
+            session.phase(0, Phase.BATCH)
             with be.loop_context(optimizer):
                 yield handle
         finally:

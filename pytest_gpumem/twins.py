@@ -1,13 +1,14 @@
 """The user's model, optimizer and batch on another device (meta for emulation, a GPU for cuda).
 
-The model's own parameters and buffers are swapped for device copies while the step runs and put
-back afterwards, so code that closes over the model (a loss adding ``sum(p.abs() for p in
-model.parameters())``) sees the copies too; the optimizer is rebuilt over the copies. On the meta
-device a copy costs nothing.
+The step runs on a twin of the model built around device copies of its tensors; the optimizer is
+rebuilt over the copies. While the step runs, the user's own model also points at the copies (and
+gets its tensors back afterwards), so a loss that closes over it (``sum(p.abs().sum() for p in
+model.parameters())``) sees the tensors the step uses. On the meta device a copy costs nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import itertools
 from typing import Any, Iterator
@@ -45,22 +46,32 @@ def device_copies(model: nn.Module, device: torch.device) -> dict[int, torch.Ten
     return mapping
 
 
+def model_twin(model: nn.Module, mapping: dict[int, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` built around ``mapping``'s tensors (a deepcopy whose memo maps each original).
+
+    The memo also remaps tensors the model holds outside its registries (lists of weights, an RNN's
+    flat weights), so the copy never touches the user's tensors and the user's model keeps no copy.
+    """
+    return copy.deepcopy(model, dict(mapping))
+
+
 @contextlib.contextmanager
 def swapped_in(model: nn.Module, mapping: dict[int, torch.Tensor]) -> Iterator[nn.Module]:
-    """``model`` with its parameters and buffers replaced by ``mapping``'s copies; restored on exit."""
-    saved = []
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            saved.append((store, dict(store)))
-            for name, tensor in list(store.items()):
-                if tensor is not None:
-                    store[name] = mapping[id(tensor)]
+    """``model``'s parameter and buffer registries pointing at ``mapping``'s copies; restored on exit.
+
+    Every new registry is built before any is changed, so a failure leaves the model as it was.
+    """
+    stores = [store for module in model.modules() for store in (module._parameters, module._buffers)]
+    originals = [dict(store) for store in stores]
+    replaced = [{name: (mapping[id(t)] if t is not None else None) for name, t in store.items()} for store in originals]
     try:
+        for store, new in zip(stores, replaced):
+            store.update(new)
         yield model
     finally:
-        for store, originals in saved:
+        for store, old in zip(stores, originals):
             store.clear()
-            store.update(originals)
+            store.update(old)
 
 
 def optimizer_twin(optimizer: torch.optim.Optimizer, mapping: dict[int, torch.Tensor], device: torch.device):

@@ -1,12 +1,15 @@
 """The emulated backend: CUDA figures predicted on meta tensors, checked against closed forms and the cpu backend."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
 
 from pytest_gpumem import Category, Phase, StepFailed, measure_step
 from pytest_gpumem.allocator import SMALL_SEGMENT, round_allocation
+from pytest_gpumem.backends import make_backend
 
 F32 = 4
 
@@ -222,3 +225,27 @@ def test_track_keeps_the_larger_peak_of_a_phase_that_recurs_in_a_step():
         model(big).sum().backward()
     first = handle.report.steps[0].phases[Phase.BACKWARD].peak
     assert first >= alone.report.steps[0].phases[Phase.BACKWARD].peak
+
+
+def test_models_holding_weights_outside_their_registries_run_and_are_left_untouched():
+    """An LSTM keeps its weights in _flat_weights, a custom module keeps a plain list of parameters: the
+    step runs on a twin whose copies are remapped everywhere, and the user's model keeps no meta tensor."""
+    class ListHolder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 16))
+            self.ws = [self.w]
+
+        def forward(self, x):
+            return x @ self.ws[0]
+
+    for model, x in ((nn.LSTM(8, 16, batch_first=True), torch.randn(4, 5, 8)), (ListHolder(), torch.randn(4, 16))):
+        loss_fn = (lambda out, target: out[0].sum()) if isinstance(model, nn.LSTM) else None
+        backend = make_backend("emulated")
+        measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, loss_fn=loss_fn, backend=backend)
+        tensors = [v for v in vars(model).values() if isinstance(v, torch.Tensor)]
+        tensors += [t for v in vars(model).values() if isinstance(v, list) for t in v if isinstance(t, torch.Tensor)]
+        tensors += list(model.parameters())
+        assert tensors and all(t.device.type == "cpu" for t in tensors)
+        gc.collect()
+        assert backend.trackers[-1].live_bytes() == 0  # nothing the step made outlives it
