@@ -319,8 +319,7 @@ def _summary_row(record: dict[str, Any]) -> SummaryRow:
     rep = StepReport.from_dict(record["report"])
     budget = record.get("budget") or {}
     total = budget.get("total_bytes")
-    value = rep.reserved_peak if budget.get("kind") == "reserved" else rep.peak
-    head = (total - value) / total if total and value is not None else None
+    head = budgets.headroom(rep, budgets.Budget(total=total, kind=budget.get("kind") or "allocated"))
     return SummaryRow(
         nodeid=record["nodeid"], backend=rep.backend, budget=total, peak=rep.peak, headroom=head,
         peak_phase=rep.peak_phase.value, split=rep.peak_split, max_batch=record.get("max_batch"),
