@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision import models
 
 from pytest_gpumem import format_bytes, measure_step
-from pytest_gpumem.estimate import estimate_step
+from pytest_gpumem._estimate import estimate_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,7 +129,7 @@ def _scaler(backend: str):
     if backend == "estimate":
         return True  # estimate_step counts GradScaler's tensors; it runs no scaler
     if backend == "emulated":
-        from pytest_gpumem.emulation import EmulatedGradScaler
+        from pytest_gpumem._emulation import EmulatedGradScaler
 
         return EmulatedGradScaler("cuda")
     return torch.amp.GradScaler("cuda")

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pytest_gpumem.advisor import advise_batch_size  # noqa: E402
-from pytest_gpumem.step import measure_step  # noqa: E402
+from pytest_gpumem._measure.step import measure_step  # noqa: E402
+from pytest_gpumem._tools.advisor import advise_batch_size  # noqa: E402
 from pytest_gpumem.strategies import CNNConfig, MLPConfig, OptimizerFactory  # noqa: E402
 
 ADAM = OptimizerFactory.of(torch.optim.Adam, lr=1e-3)

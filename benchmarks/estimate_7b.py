@@ -14,8 +14,8 @@ import tracemalloc
 import torch
 from torch import nn
 
-from pytest_gpumem.estimate import estimate_step, model_state_bytes
-from pytest_gpumem.units import format_bytes
+from pytest_gpumem._core.units import format_bytes
+from pytest_gpumem._estimate import estimate_step, model_state_bytes
 
 
 class Block(nn.Module):

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hypothesis import Phase, settings  # noqa: E402
 
 from pytest_gpumem import strategies as gst  # noqa: E402
-from pytest_gpumem.fuzz import FuzzFailure, fuzz  # noqa: E402
+from pytest_gpumem._tools.fuzz import FuzzFailure, fuzz  # noqa: E402
 
 #: Layers start at 8 units: below that a few-byte estimator gap exceeds 2% of the whole step (see tests).
 FAMILIES = {

@@ -19,7 +19,7 @@ from pytest_gpumem import Category, Phase
 
 def make_scaler(gpumem):
     if gpumem.backend == "emulated":
-        from pytest_gpumem.emulation import EmulatedGradScaler
+        from pytest_gpumem._emulation import EmulatedGradScaler
 
         return EmulatedGradScaler("cuda")
     return torch.amp.GradScaler(gpumem.device.type)

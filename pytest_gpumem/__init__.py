@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from . import strategies
-from .advisor import BatchAdvice, advise_batch_size, max_batch_size
-from .categories import Category, Phase
-from .contradiction import assert_matches_estimate, compare
-from .estimate import Estimate, LayerEstimate, estimate_step
-from .fuzz import FuzzFailure, FuzzResult, fuzz
-from .results import PhaseStats, StepMeasurement, StepReport
-from .step import OutOfMemory, StepFailed, measure_step, track
-from .summary import summary
-from .units import format_bytes, parse_bytes
+from ._core.categories import Category, Phase
+from ._core.results import PhaseStats, StepMeasurement, StepReport
+from ._core.units import format_bytes, parse_bytes
+from ._estimate import Estimate, LayerEstimate, estimate_step
+from ._measure.step import OutOfMemory, StepFailed, measure_step, track
+from ._tools.advisor import BatchAdvice, advise_batch_size, max_batch_size
+from ._tools.contradiction import assert_matches_estimate, compare
+from ._tools.fuzz import FuzzFailure, FuzzResult, fuzz
+from ._tools.summary import summary
 
 __all__ = [
     "BatchAdvice",

@@ -1,4 +1,4 @@
-"""pytest glue only: options, the gpu_budget marker, the gpumem fixture, report hooks, xdist.
+"""pytest glue only: options, the gpu_budget marker, report hooks, xdist (the fixture is in fixture.py).
 
 Nothing here measures: the fixture calls the step runner, ``budget`` checks, ``report`` renders.
 One ``Manager`` per run holds the results keyed by test nodeid; workers send theirs to the xdist
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,17 +16,16 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from . import budget as budgets
-from .backends import BACKENDS, Backend, cuda_device_for_worker, make_backend
-from .categories import CATEGORIES, Category
-from .report import SummaryRow, summary_table
-from .results import StepReport
-from .step import OutOfMemory, StepFailed, measure_step, track
-from .units import format_bytes, parse_bytes
+from ._core import budget as budgets
+from ._core.categories import CATEGORIES
+from ._core.results import StepReport
+from ._core.units import format_bytes, parse_bytes
+from ._measure.backends import BACKENDS
+from ._measure.step import OutOfMemory, StepFailed
+from ._reporting.tables import SummaryRow, summary_table
+from .fixture import GpuMem, gpumem  # noqa: F401  (the fixture, registered with this plugin)
 
 MARKER = "gpu_budget"
-#: measure_step options that change what the step does, so the estimate must be told them too
-_SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
 #: measurement and estimate must agree within this fraction unless a test or the ini says otherwise
 DEFAULT_RTOL = "0.05"
 _STATE = pytest.StashKey["TestState"]()
@@ -49,7 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("gpumem_default_budget", default="", help="same as --gpumem-default-budget")
     parser.addini("gpumem_rtol", default=DEFAULT_RTOL, help="same as --gpumem-rtol (default 0.05)")
     with contextlib.suppress(ImportError):
-        from .gating import add_gating_options
+        from ._reporting.gating import add_gating_options
 
         add_gating_options(parser)
 
@@ -106,7 +104,7 @@ class Manager:
         self.report_enabled = bool(_option(config, "report"))
         self.gating = None
         with contextlib.suppress(ImportError):
-            from .gating import GatingPlugin
+            from ._reporting.gating import GatingPlugin
 
             self.gating = GatingPlugin(config)
 
@@ -220,7 +218,7 @@ class Manager:
         rtol = self.rtol_for(state)
         if rtol is None:
             return []
-        from .contradiction import compare
+        from ._tools.contradiction import compare
 
         out = []
         for index, estimate in sorted(state.estimates.items()):
@@ -344,117 +342,3 @@ def _parse_rtol(value: Any) -> float | None:
         return budgets.parse_rtol(value)
     except budgets.BudgetError as exc:
         raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol: {exc}") from None
-
-
-class GpuMem:
-    """The ``gpumem`` fixture: where to build tensors, and ways to measure a training step."""
-
-    def __init__(self, manager: Manager, item: pytest.Item) -> None:
-        self._manager = manager
-        self._item = item
-        self._state = manager.state_for(item)
-        if self._state.backend_name == "cuda" and not torch.cuda.is_available():
-            pytest.skip("gpu_budget(backend='cuda') needs a GPU; torch.cuda.is_available() is False here")
-        worker = os.environ.get("PYTEST_XDIST_WORKER")
-        cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
-        if cuda_device is not None:
-            torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
-        self._backend_factory = lambda: make_backend(self._state.backend_name, cuda_device=cuda_device)
-        probe = self._backend_factory()
-        #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
-        self.device: torch.device = probe.device
-        #: the backend measuring this test: 'cuda', 'cpu' or 'emulated'
-        self.backend: str = probe.name
-
-    @property
-    def reports(self) -> list[StepReport]:
-        """Every StepReport this test produced, in order."""
-        return list(self._state.reports)
-
-    def _backend(self) -> Backend:
-        return self._backend_factory()
-
-    def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
-        """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
-        estimate = self._estimate(model, optimizer, batch, loss_fn, target, kwargs)
-        backend = self._backend()
-        try:
-            with self._snapshot(backend):
-                report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
-        finally:
-            self._state.trackers.extend(backend.trackers)
-        if estimate is not None:
-            self._state.estimates[len(self._state.reports)] = estimate
-        self._state.reports.append(report)
-        return report
-
-    def _snapshot(self, backend: Backend) -> contextlib.AbstractContextManager:
-        """--gpumem-snapshot: record the CUDA allocator's history around the measurement."""
-        gating = self._manager.gating
-        return gating.snapshot(self._item.nodeid, backend.name) if gating is not None else contextlib.nullcontext()
-
-    def _estimate(self, model, optimizer, batch, loss_fn, target, kwargs):
-        """The analytical estimate of the step about to be measured (before it changes the optimizer's state)."""
-        if self._manager.rtol_for(self._state) is None:
-            return None
-        from .estimate import estimate_step
-
-        device = "cpu" if self.backend == "cpu" else "cuda"
-        try:
-            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
-                                 hook=self._item.config.hook,
-                                 **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
-        except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
-            self._item.add_report_section(
-                "call", "gpumem estimate", f"no estimate for this step ({type(exc).__name__}: {exc}); not compared"
-            )
-            return None
-
-    @contextlib.contextmanager
-    def track(self, model=None, optimizer=None, batch=None):
-        """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
-        backend = self._backend()
-        handle = None
-        try:
-            with self._snapshot(backend), track(model, optimizer, batch, backend=backend) as handle:
-                self._state.trackers.extend(backend.trackers)
-                yield handle
-        finally:
-            if handle is not None and handle.report is not None:  # also when the loop raised: a partial report
-                self._state.reports.append(handle.report)
-
-    def fuzz(self, *args, **kwargs):
-        """Property-check the user's model family with hypothesis (see ``pytest_gpumem.fuzz.fuzz``)."""
-        from .fuzz import fuzz
-
-        kwargs.setdefault("backend", self.backend)
-        if self._state.budget is not None and self._state.budget.total is not None:
-            kwargs.setdefault("budget", self._state.budget.total)
-        kwargs.setdefault("on_example", self._state.reports.append)
-        return fuzz(*args, **kwargs)
-
-    def max_batch_size(self, *args, **kwargs) -> int:
-        """Largest batch whose peak fits ``safety x budget`` (budget defaults to the test's)."""
-        from .advisor import max_batch_size
-
-        kwargs.setdefault("backend", self.backend)
-        if "budget" not in kwargs and self._state.budget is not None and self._state.budget.total is not None:
-            kwargs["budget"] = self._state.budget.total
-        value = max_batch_size(*args, **kwargs)
-        self._state.max_batch = value
-        return value
-
-    def summary(self, model, batch, **kwargs) -> str:
-        """Per-layer table: output shape, params, activation bytes, formula or traced."""
-        from .summary import summary
-
-        kwargs.setdefault("device", "cpu" if self.backend == "cpu" else "cuda")
-        return summary(model, batch, **kwargs)
-
-
-@pytest.fixture
-def gpumem(request: pytest.FixtureRequest) -> Iterator[GpuMem]:
-    """Measure training steps of this test against its gpu_budget (see GpuMem)."""
-    manager: Manager = request.config.pluginmanager.get_plugin("gpumem-manager")
-    handle = GpuMem(manager, request.node)
-    yield handle

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pytest_gpumem.categories import PHASES, Category, Phase
-from pytest_gpumem.results import PhaseStats, StepMeasurement, StepReport
+from pytest_gpumem._core.categories import PHASES, Category, Phase
+from pytest_gpumem._core.results import PhaseStats, StepMeasurement, StepReport
 
 C = Category
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem.advisor import StepModel, advise_batch_size, fit_size, max_batch_size
-from pytest_gpumem.step import measure_step
+from pytest_gpumem._measure.step import measure_step
+from pytest_gpumem._tools.advisor import StepModel, advise_batch_size, fit_size, max_batch_size
 from pytest_gpumem.strategies import CNNConfig, MLPConfig, OptimizerFactory
 
 ADAM = OptimizerFactory.of(torch.optim.Adam, lr=1e-3)
@@ -137,7 +137,7 @@ def test_fit_size_lines_parabolas_and_concave_bends():
 
 
 def test_step_model_rejects_probes_that_allocate_differently():
-    from pytest_gpumem.advisor import Probe
+    from pytest_gpumem._tools.advisor import Probe
 
     a = Probe(2, ((0, "first/forward", 10),), 10, lambda n: n)
     b = Probe(4, ((0, "first/forward", 20), (0, "first/forward", None)), 20, lambda n: n)
@@ -146,7 +146,7 @@ def test_step_model_rejects_probes_that_allocate_differently():
 
 
 def test_estimate_method_solves_the_estimate_without_running_steps():
-    from pytest_gpumem.estimate import estimate_step
+    from pytest_gpumem._estimate import estimate_step
 
     def estimated(b):
         model = MLP.build()

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_gpumem.allocator import CachingAllocatorModel, round_allocation, segment_size
+from pytest_gpumem._measure.allocator import CachingAllocatorModel, round_allocation, segment_size
 
 KiB, MiB = 2**10, 2**20
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpumem_factories import make_record, make_report
-from pytest_gpumem.baseline import (
+from pytest_gpumem._reporting.baseline import (
     Baseline,
     BaselineError,
     Rule,
@@ -19,8 +19,8 @@ from pytest_gpumem.baseline import (
     parse_regression_spec,
     save_baseline_atomic,
 )
-from pytest_gpumem.categories import Category
-from pytest_gpumem.units import format_bytes
+from pytest_gpumem._core.categories import Category
+from pytest_gpumem._core.units import format_bytes
 
 MiB = 2**20
 NODE = "tests/test_model.py::test_step"

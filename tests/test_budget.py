@@ -1,10 +1,10 @@
-"""budget.py: the gpu_budget argument table, the checks at the boundary, and the failure sentences."""
+"""_core/budget.py: the gpu_budget argument table, the checks at the boundary, and the failure sentences."""
 from __future__ import annotations
 
 import pytest
 
 from gpumem_factories import make_report
-from pytest_gpumem.budget import (
+from pytest_gpumem._core.budget import (
     MARKER_SIGNATURE,
     Budget,
     BudgetError,
@@ -12,8 +12,8 @@ from pytest_gpumem.budget import (
     check_budget,
     headroom,
 )
-from pytest_gpumem.categories import Category
-from pytest_gpumem.units import format_bytes, format_percent
+from pytest_gpumem._core.categories import Category
+from pytest_gpumem._core.units import format_bytes, format_percent
 
 GiB = 2**30
 

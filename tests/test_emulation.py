@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pytest_gpumem.emulation import (
+from pytest_gpumem._emulation import (
     SUBSTITUTIONS,
     EmulatedGradScaler,
     cuda_semantics,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from pytest_gpumem import Category, Phase, StepFailed, measure_step
-from pytest_gpumem.allocator import SMALL_SEGMENT, round_allocation
-from pytest_gpumem.backends import make_backend
+from pytest_gpumem._measure.allocator import SMALL_SEGMENT, round_allocation
+from pytest_gpumem._measure.backends import make_backend
 
 F32 = 4
 
@@ -179,7 +179,7 @@ def test_loss_closing_over_the_model_sees_the_emulated_parameters():
 def test_large_block_without_a_split_counts_whole_as_on_cuda():
     """The caching allocator splits a large block only when more than 1 MiB would remain, and counts the
     whole block as allocated: an 11.5 MiB batch gets a 12 MiB segment (2 MiB rounding) and holds all 12."""
-    from pytest_gpumem.allocator import segment_size
+    from pytest_gpumem._measure.allocator import segment_size
 
     batch_bytes = 11 * 2**20 + 2**19
     rows = batch_bytes // (64 * 4)

@@ -1,6 +1,6 @@
 """The engine's speed-ups change no figure: reports with and without them are identical.
 
-The emulated backend runs cheaper stand-ins for torch's slowest meta kernels (meta_kernels.py), its
+The emulated backend runs cheaper stand-ins for torch's slowest meta kernels (_emulation/meta_kernels.py), its
 TorchFunctionMode passes calls it has nothing to do for straight through, and measure_step freezes older
 objects so its final gc.collect() is short. The reference path here turns all three off.
 """
@@ -13,8 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem import emulation, measure_step, meta_kernels, step
-from pytest_gpumem.backends import EmulatedBackend
+from pytest_gpumem import measure_step
+from pytest_gpumem._emulation import meta_kernels, semantics_mode
+from pytest_gpumem._measure import step
+from pytest_gpumem._measure.backends import EmulatedBackend
 
 aten = torch.ops.aten
 
@@ -81,7 +83,7 @@ def _report(make, backend) -> str:
 def test_reports_identical_with_and_without_speedups(make, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(step, "_freeze_older_objects", lambda: False)
-        m.setattr(emulation, "_PASS_THROUGH", _NeverPassThrough())
+        m.setattr(semantics_mode, "_PASS_THROUGH", _NeverPassThrough())
         reference = _report(make, _ReferenceBackend())
     meta_kernels._memo.clear()
     first = _report(make, "emulated")   # records what meta kernels return

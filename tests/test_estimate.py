@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem.categories import Category, Phase
-from pytest_gpumem.contradiction import assert_matches_estimate, compare
-from pytest_gpumem.estimate import Estimate, estimate_step, model_state_bytes, plugin_manager, register_formulas
+from pytest_gpumem._core.categories import Category, Phase
+from pytest_gpumem._estimate import Estimate, estimate_step, model_state_bytes, plugin_manager, register_formulas
+from pytest_gpumem._tools.contradiction import assert_matches_estimate, compare
+from pytest_gpumem._tools.summary import summary
 from pytest_gpumem.hookspecs import hookimpl
 from pytest_gpumem.strategies import CNNConfig, MLPConfig, TransformerConfig
-from pytest_gpumem.summary import summary
 
-step = pytest.importorskip("pytest_gpumem.step")
+step = pytest.importorskip("pytest_gpumem._measure.step")
 
 
 def mlp():
@@ -239,7 +239,7 @@ def test_replaying_repeated_blocks_changes_nothing(make, device):
 
 
 def test_a_stack_of_identical_blocks_is_traced_once():
-    from pytest_gpumem.estimate import trace_step
+    from pytest_gpumem._estimate import trace_step
 
     model, batch, _ = decoder(blocks=8)
     # 8 blocks: the first _Block call is recorded (and, inside it, its repeated mlp Sequential: 2 templates),

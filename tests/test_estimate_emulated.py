@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_gpumem.categories import Category, Phase
-from pytest_gpumem.contradiction import compare
-from pytest_gpumem.estimate import estimate_step
-from pytest_gpumem.step import measure_step
+from pytest_gpumem._core.categories import Category, Phase
+from pytest_gpumem._estimate import estimate_step
+from pytest_gpumem._measure.step import measure_step
+from pytest_gpumem._tools.contradiction import compare
 from test_estimate import MODELS, OPTIMIZERS
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem.formulas import ACTIVATION_FORMULAS, activation_formula, formula_for
+from pytest_gpumem._estimate.layer_formulas import ACTIVATION_FORMULAS, activation_formula, formula_for
 
 
 def real_saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:

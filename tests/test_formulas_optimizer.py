@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem.optimizer_state import OPTIMIZER_RULES, rule_for, state_bytes_on
+from pytest_gpumem._estimate.optimizer_rules import OPTIMIZER_RULES, rule_for, state_bytes_on
 
 O = torch.optim
 CONFIGS = [
@@ -82,7 +82,7 @@ def test_every_builtin_optimizer_in_the_issue_has_a_rule():
 
 
 def test_grad_scaler_tensors_are_4_byte_scalars_with_one_found_inf_per_device():
-    from pytest_gpumem.optimizer_state import grad_scaler_tensors
+    from pytest_gpumem._estimate.optimizer_rules import grad_scaler_tensors
 
     one, two = grad_scaler_tensors(), grad_scaler_tensors(devices=2)
     assert one.kept == (4, 4)                          # _scale fp32 + _growth_tracker int32
@@ -114,9 +114,9 @@ def test_step_temporaries_match_the_measured_optimizer_phase_exactly(make, backe
     The loop keeps the last param's ``std``/``denom``/``avg`` until the next one's is made (Adagrad and RMSprop
     were 2 x max(p) estimated vs max(W) + b measured on the CPU: +23.9% peak; Adagrad's foreach std and
     numerator, 2 x sum(p), were estimated as one list: -19.8%). Without biases two weights come in a row."""
-    from pytest_gpumem.categories import Phase
-    from pytest_gpumem.estimate import estimate_step
-    from pytest_gpumem.step import measure_step
+    from pytest_gpumem._core.categories import Phase
+    from pytest_gpumem._estimate import estimate_step
+    from pytest_gpumem._measure.step import measure_step
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(368, 69, bias=bias), nn.ReLU(), nn.Linear(69, 130, bias=bias))

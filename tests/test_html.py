@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gpumem_factories import make_record
-from pytest_gpumem.categories import CATEGORIES
-from pytest_gpumem.html import COLORS, render_html, write_html
+from pytest_gpumem._core.categories import CATEGORIES
+from pytest_gpumem._reporting.html import COLORS, render_html, write_html
 
 MiB = 2**20
 

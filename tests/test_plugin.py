@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pytest_gpumem import measure_step
-from pytest_gpumem.categories import CATEGORIES
-from pytest_gpumem.units import format_bytes, format_percent
+from pytest_gpumem._core.categories import CATEGORIES
+from pytest_gpumem._core.units import format_bytes, format_percent
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="figures derived for the emulated default backend")
 
@@ -40,10 +40,10 @@ def _warm_up() -> None:
     first imported inside one would be imported again by the next and fail ("Only a single TORCH_LIBRARY
     can be used to register the namespace _inductor_test").
     """
-    import pytest_gpumem.contradiction  # noqa: F401  (the rtol check)
-    import pytest_gpumem.emulation  # noqa: F401  (explains failures on meta tensors)
+    import pytest_gpumem._tools.contradiction  # noqa: F401  (the rtol check)
+    import pytest_gpumem._emulation  # noqa: F401  (explains failures on meta tensors)
     from pytest_gpumem import track
-    from pytest_gpumem.estimate import estimate_step
+    from pytest_gpumem._estimate import estimate_step
 
     for backend in ("emulated", "cpu"):
         measure_step(*_NS["make_step"]("cpu"), backend=backend)
@@ -256,7 +256,7 @@ import pytest
 def broken_checker(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated plugin bug")
-    monkeypatch.setattr("pytest_gpumem.budget.check_budget", boom)
+    monkeypatch.setattr("pytest_gpumem._core.budget.check_budget", boom)
 '''
     _inner(pytester, "@pytest.mark.gpu_budget('1GB')\ndef test_fails(gpumem):" + STEP
            + "    assert False, 'my own message'\n\n@pytest.mark.gpu_budget('1GB')\ndef test_passes(gpumem):" + STEP,

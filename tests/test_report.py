@@ -1,10 +1,10 @@
-"""report.py: the phase x category table of a step and the --gpumem-report summary table."""
+"""_reporting/tables.py: the phase x category table of a step and the --gpumem-report summary table."""
 from __future__ import annotations
 
 from gpumem_factories import make_report
-from pytest_gpumem.categories import CATEGORIES, Category
-from pytest_gpumem.report import STEP_LEGEND, SummaryRow, render_table, step_table, summary_table
-from pytest_gpumem.units import format_bytes
+from pytest_gpumem._core.categories import CATEGORIES, Category
+from pytest_gpumem._core.units import format_bytes
+from pytest_gpumem._reporting.tables import STEP_LEGEND, SummaryRow, render_table, step_table, summary_table
 
 
 def _row(nodeid="t.py::test_a", **kw) -> SummaryRow:

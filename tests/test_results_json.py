@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from gpumem_factories import make_record, make_report
-from pytest_gpumem import results_json
-from pytest_gpumem.categories import Category
-from pytest_gpumem.results import StepReport
-from pytest_gpumem.results_json import (
+from pytest_gpumem._reporting import results_json
+from pytest_gpumem._core.categories import Category
+from pytest_gpumem._core.results import StepReport
+from pytest_gpumem._reporting.atomic_files import write_json_atomic
+from pytest_gpumem._reporting.results_json import (
     build_results_document,
     collect_session_info,
     git_commit,
-    write_json_atomic,
 )
 
 

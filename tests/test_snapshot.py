@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_gpumem.snapshot import snapshot_context, snapshot_filename
+from pytest_gpumem._reporting.snapshot import snapshot_context, snapshot_filename
 
 
 def test_filenames_are_safe_and_distinct() -> None:

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pytest_gpumem import Category, Phase, measure_step, track
-from pytest_gpumem.allocator import round_allocation
-from pytest_gpumem.tracker import StorageTracker
+from pytest_gpumem._measure.allocator import round_allocation
+from pytest_gpumem._measure.tracker import StorageTracker
 
 F32 = 4
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_gpumem.units import ACCEPTED, UNITS, format_bytes, format_percent, parse_bytes
+from pytest_gpumem._core.units import ACCEPTED, UNITS, format_bytes, format_percent, parse_bytes
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 

@@ -180,7 +180,7 @@ class StepReport:
 
     def table(self, *, verbose: bool = False) -> str:
         """A phase x category table of the peak step (every step with ``verbose``), for people."""
-        from .report import step_table  # local import: report depends on results, not the reverse
+        from .._reporting.tables import step_table  # local import: report depends on results, not the reverse
 
         return step_table(self, verbose=verbose)
 

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .categories import CATEGORIES
-from .results_json import write_text_atomic
-from .units import format_bytes
+from .._core.categories import CATEGORIES
+from .atomic_files import write_text_atomic
+from .._core.units import format_bytes
 
 #: One colour per category (Okabe-Ito, readable with colour-blindness), in canonical category order.
 COLORS: dict[str, str] = {

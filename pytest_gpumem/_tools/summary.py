@@ -5,8 +5,8 @@ from typing import Any
 
 from torch import nn
 
-from .estimate import LayerEstimate, estimate_step
-from .units import format_bytes
+from .._estimate import LayerEstimate, estimate_step
+from .._core.units import format_bytes
 
 
 def layer_rows(model: nn.Module, batch: Any, *, target: Any = None, loss_fn=None, device: str = "cuda",

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .categories import CATEGORIES, Category
-from .results import StepMeasurement, StepReport
-from .units import format_bytes
+from .._core.categories import CATEGORIES, Category
+from .._core.results import StepMeasurement, StepReport
+from .._core.units import format_bytes
 
 _SHORT = {
     Category.PARAMS: "params", Category.GRADS: "grads", Category.OPTIMIZER: "optim", Category.BATCH: "batch",

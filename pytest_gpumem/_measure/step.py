@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .backends import Backend, make_backend
-from .categories import PHASES, Category, Phase
-from .loss import call_model, default_loss  # noqa: F401  (also used by estimate)
-from .results import PhaseStats, StepMeasurement, StepReport
+from .._core.categories import PHASES, Category, Phase
+from .._core.step_calls import call_model, default_loss
+from .._core.results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
 from .twins import device_copies, model_device, model_twin, move_batch, optimizer_twin, swapped_in
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .categories import CATEGORIES, Category, Phase
+from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
 _PRIORITY: dict[Category, int] = {

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from .units import format_bytes, format_percent, parse_bytes
+from .._core.units import format_bytes, format_percent, parse_bytes
 
 __all__ = ["fuzz", "FuzzCase", "FuzzFailure", "FuzzResult"]
 
@@ -148,10 +148,10 @@ def fuzz(
     ...      width=st.integers(1, 256), make_batch=lambda b: (torch.randn(b, 8), torch.randint(2, (b,))),
     ...      backend="cpu", max_examples=20)  # doctest: +SKIP
     """
-    from .backends import resolve_backend_name
+    from .._measure.backends import resolve_backend_name
     from .contradiction import compare
-    from .estimate import estimate_step
-    from .step import measure_step
+    from .._estimate import estimate_step
+    from .._measure.step import measure_step
 
     if not isinstance(make_model, st.SearchStrategy):
         if not callable(make_model):

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 
 from .allocator import CachingAllocatorModel, round_allocation
-from .categories import Category, Phase
-from .results import PhaseStats
+from .._core.categories import Category, Phase
+from .._core.results import PhaseStats
 from .tracker import Kernel, PhaseReplay, StorageTracker, no_rounding
 
 BACKENDS = ("auto", "cuda", "cpu", "emulated")
@@ -139,7 +139,7 @@ class EmulatedBackend(Backend):
 
     @property
     def kernel_shortcuts(self) -> Callable[[Any], Kernel | None] | None:
-        from .meta_kernels import kernel_for  # exact stand-ins for torch's slowest meta kernels
+        from .._emulation.meta_kernels import kernel_for  # exact stand-ins for torch's slowest meta kernels
 
         return kernel_for
 
@@ -147,12 +147,12 @@ class EmulatedBackend(Backend):
         return "cuda (emulated on meta tensors)"
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        from . import emulation  # kernel substitutions that make meta save what CUDA saves
+        from .. import _emulation as emulation  # kernel substitutions that make meta save what CUDA saves
 
         return emulation.cuda_semantics()
 
     def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
-        from . import emulation
+        from .. import _emulation as emulation
 
         stack = contextlib.ExitStack()
         stack.enter_context(emulation.cuda_semantics())
@@ -164,18 +164,18 @@ class EmulatedBackend(Backend):
         return self.optimizer_context(optimizer)
 
     def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-        from .emulation import emulated_autocast  # torch.autocast("cuda") as CUDA does it, on meta
+        from .._emulation import emulated_autocast  # torch.autocast("cuda") as CUDA does it, on meta
 
         return emulated_autocast(dtype)
 
     def explain_failure(self, exc: BaseException) -> str | None:
-        from .emulation import explain_meta_failure
+        from .._emulation import explain_meta_failure
 
         return explain_meta_failure(exc)
 
     def grad_scaler(self, scaler):
         """A real GradScaler disables itself without a GPU; the emulated one runs its kernels on meta."""
-        from . import emulation
+        from .. import _emulation as emulation
 
         if scaler is None or scaler is False:
             return None

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .categories import CATEGORIES
-from .results_json import phase_peaks, write_json_atomic
-from .units import format_bytes, parse_bytes
+from .._core.categories import CATEGORIES
+from .atomic_files import write_json_atomic
+from .results_json import phase_peaks
+from .._core.units import format_bytes, parse_bytes
 
 SCHEMA = "pytest-gpumem/baseline"
 VERSION = 1

@@ -18,7 +18,8 @@ from .baseline import (
     parse_regression_spec,
     save_baseline_atomic,
 )
-from .results_json import build_results_document, collect_session_info, write_json_atomic
+from .atomic_files import write_json_atomic
+from .results_json import build_results_document, collect_session_info
 
 #: (CLI flag, ini key, is a flag, help). Every option is also an ini key; CLI defaults are None so ini counts.
 OPTIONS: tuple[tuple[str, str, bool, str], ...] = (

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .categories import Category
-from .estimate import Estimate
-from .results import StepReport
-from .units import format_bytes, format_percent
+from .._core.categories import Category
+from .._estimate import Estimate
+from .._core.results import StepReport
+from .._core.units import format_bytes, format_percent
 
 #: Categories with an estimated total to compare (temporaries and other are part of the peak only).
 COMPARED: tuple[Category, ...] = (

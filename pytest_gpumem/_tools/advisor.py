@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .allocator import CachingAllocatorModel
-from .units import format_bytes, parse_bytes
+from .._measure.allocator import CachingAllocatorModel
+from .._core.units import format_bytes, parse_bytes
 
 __all__ = ["advise_batch_size", "max_batch_size", "BatchAdvice", "StepModel", "SizeFit", "Probe", "fit_size",
            "largest_fitting", "DEFAULT_PROBES"]
@@ -112,8 +112,8 @@ def _log_of(tracker) -> tuple[Op, ...]:
 
 def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:
     """One measured step at ``batch_size`` with its allocation log (taken when the backend replays it)."""
-    from .backends import make_backend
-    from .step import measure_step  # local: the advisor sits beside step, importing it only when measuring
+    from .._measure.backends import make_backend
+    from .._measure.step import measure_step  # local: the advisor sits beside step, importing it only when measuring
 
     be = make_backend(backend)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
@@ -125,7 +125,7 @@ def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, bac
 
 def _estimate(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:
     """The estimated peak at ``batch_size`` as a one-storage log (device: the CPU for backend "cpu", else CUDA)."""
-    from .estimate import estimate_step
+    from .._estimate import estimate_step
 
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     inputs, target = make_batch(batch_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .backends import BACKENDS
+from .._measure.backends import BACKENDS
 from .categories import Category
 from .results import StepReport
 from .units import format_bytes, format_percent, parse_bytes

@@ -1,0 +1,1 @@
+"""The vocabulary every part shares: phases and categories, byte units, step results, budgets, model calls."""

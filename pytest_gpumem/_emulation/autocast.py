@@ -1,0 +1,138 @@
+"""torch.autocast('cuda') on meta tensors: CUDA's op lists, casts and its weight-cast cache."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .substitutions import Proceed, Substitution, _on_meta, _register
+
+
+# The CUDA lists of aten/src/ATen/autocast_mode.cpp (torch 2.4 .. 2.14), by python-level name.
+_LOWER = """conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d conv_transpose3d convolution
+    _convolution cudnn_convolution cudnn_convolution_transpose prelu addmm addmv addr matmul __matmul__
+    __rmatmul__ einsum mm mv linear addbmm baddbmm bmm chain_matmul linalg_multi_dot lstm_cell gru_cell
+    rnn_tanh_cell rnn_relu_cell _thnn_fused_lstm_cell _thnn_fused_gru_cell scaled_dot_product_attention"""
+# cross_entropy is CompositeImplicit on CUDA: log_softmax (fp32 dtype) + nll_loss (fp32) = fp32.
+_FP32 = """acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow __pow__
+    __rpow__ __rdiv__ __rtruediv__ softplus layer_norm native_layer_norm group_norm frobenius_norm
+    nuclear_norm cosine_similarity poisson_nll_loss cosine_embedding_loss nll_loss nll_loss2d
+    hinge_embedding_loss kl_div l1_loss smooth_l1_loss huber_loss mse_loss margin_ranking_loss
+    multilabel_margin_loss soft_margin_loss triplet_margin_loss multi_margin_loss
+    binary_cross_entropy_with_logits dist pdist cdist renorm logsumexp cross_entropy cross_entropy_loss"""
+# fp32_set_opt_dtype / fp32_append_dtype: run with dtype=float32 (no fp32 copy of the input).
+_FP32_DTYPE = """prod softmax log_softmax cumprod cumsum linalg_vector_norm linalg_matrix_norm sum norm"""
+_PROMOTE = """addcdiv addcmul atan2 bilinear cross dot grid_sampler index_put tensordot scatter_add"""
+_BANNED = """binary_cross_entropy"""
+_NAMESPACES = (torch, F, torch._C._nn, torch.Tensor, torch._C.TensorBase, torch.linalg)
+
+
+def _callables(names: str) -> frozenset:
+    """Every python-level torch callable spelled by one of ``names`` (torch.x, F.x, Tensor.x, ...)."""
+    found = set()
+    for name in names.split():
+        for ns in _NAMESPACES:
+            attr = name[len("linalg_"):] if ns is torch.linalg and name.startswith("linalg_") else name
+            fn = getattr(ns, attr, None)
+            if callable(fn) and not isinstance(fn, type):
+                found.add(fn)
+    return frozenset(found)
+
+
+_POLICY: dict[Any, str] = {}
+for _policy, _names in (("lower", _LOWER), ("fp32", _FP32), ("fp32_dtype", _FP32_DTYPE),
+                        ("promote", _PROMOTE), ("banned", _BANNED)):
+    for _fn in _callables(_names):
+        assert _fn not in _POLICY, f"{_fn} in two autocast policies"
+        _POLICY[_fn] = _policy
+
+
+def _eligible(t: Any) -> bool:
+    """CUDA autocast's is_eligible, for meta tensors: floating point and not float64."""
+    return _on_meta(t) and t.is_floating_point() and t.dtype is not torch.float64
+
+
+class _WeightCache:
+    """Autocast's cast cache: lower-precision copies of fp32 leaf tensors that require grad."""
+
+    def __init__(self) -> None:
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(leaf) -> (leaf, copy)
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        cacheable = (torch.is_autocast_cache_enabled() and dtype == torch.get_autocast_dtype("cuda")
+                     and t.dtype is torch.float32 and t.requires_grad and t.is_leaf and not t._is_view())
+        if not cacheable:
+            return t.to(dtype)
+        hit = self.copies.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = self.copies[id(t)] = (t, t.to(dtype))
+        return hit[1]
+
+
+_CACHE = _WeightCache()
+
+
+def _cast_all(value: Any, dtype: torch.dtype) -> Any:
+    if _eligible(value) and value.dtype is not dtype:
+        return _CACHE.cast(value, dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_all(v, dtype) for v in value)
+    return value
+
+
+def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    for v in (*args, *kwargs.values()):
+        for t in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _autocast(func: Callable, args: tuple, kwargs: dict, proceed: Proceed) -> Any:
+    """Cast the op's inputs as CUDA autocast would, then run it (recorded by autograd, like the real casts)."""
+    policy = _POLICY[func]
+    if not torch.is_autocast_enabled("cuda") or "out" in kwargs or not any(map(_eligible, _tensors(args, kwargs))):
+        return proceed(args, kwargs)
+    if policy == "banned":
+        raise RuntimeError("torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to "
+                           "autocast; use binary_cross_entropy_with_logits or BCEWithLogitsLoss.")
+    if policy == "fp32_dtype":
+        first = next(_tensors(args, kwargs))
+        explicit = kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args)
+        if explicit or not _eligible(first):
+            return proceed(args, kwargs)
+        return proceed(args, {**kwargs, "dtype": torch.float32})
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype("cuda")
+    elif policy == "fp32":
+        dtype = torch.float32
+    else:  # promote: the widest floating type among eligible inputs
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in _tensors(args, kwargs) if _eligible(t)))
+    return proceed(_cast_all(args, dtype), {k: _cast_all(v, dtype) for k, v in kwargs.items()})
+
+
+def _without_gpu(original: Callable, answer: bool) -> Callable:
+    """``original`` where a GPU is present (real autocast handles real tensors), else a constant answer."""
+    return original if torch.cuda.is_available() else (lambda *args, **kwargs: answer)
+
+
+def _clear_autocast_cache(original: Callable) -> Callable:
+    def clear_autocast_cache() -> None:
+        original()
+        _CACHE.copies.clear()
+    return clear_autocast_cache
+
+
+_register(Substitution(
+    "autocast",
+    "torch.autocast('cuda') casts meta tensors by CUDA's op lists and caches weight casts until the region exits "
+    "(torch 2.4-2.14; it would be disabled without a GPU, and real autocast never touches meta tensors).",
+    intercepts=frozenset(_POLICY),
+    run=_autocast,
+    patches=(
+        (torch.cuda.amp.common, "amp_definitely_not_available", lambda original: _without_gpu(original, False)),
+        (torch.cuda, "is_bf16_supported", lambda original: _without_gpu(original, True)),  # as on sm80+
+        (torch, "clear_autocast_cache", _clear_autocast_cache),
+    ),
+))

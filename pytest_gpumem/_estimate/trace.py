@@ -1,0 +1,253 @@
+"""Trace forward and loss on a meta twin: module calls, saved tensors in order, every op's tensors."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import layer_formulas as formulas
+from .block_cache import BlockCache
+from .cpu_attention import _CpuAttention
+from .meta_twin import _to_meta, meta_twin
+from .storages import _storage_key, _tensors
+
+
+@dataclass
+class _Call:
+    """One module call seen while tracing (mutable while the trace runs)."""
+
+    index: int
+    name: str
+    module: nn.Module | None
+    parent: int | None
+    depth: int
+    saved: list[torch.Tensor] = field(default_factory=list)  #: what this call saved while innermost
+    children: int = 0
+    items: tuple | None = None       #: formula or hook answer
+    method: str = "traced"
+    inputs: tuple = ()
+    output: Any = None
+    end: int = 0                     #: position in the save order when the call ended
+    region: int | None = None        #: checkpoint region this call opened (its saves are recomputed, not kept)
+    op_start: int = 0                #: op counter (see _Uses) when the call began
+    op_end: int = 0                  #: op counter when the call ended
+
+
+@dataclass
+class _Trace:
+    calls: list[_Call]
+    order: list[tuple[int, torch.Tensor]]  #: (call index, saved tensor) in save order
+    param_keys: set[int]
+    batch_keys: set[int]
+    output: Any
+    loss: Any
+    twin: nn.Module
+    reused: tuple[int, int] = (0, 0)  #: (block calls replayed, block templates recorded)
+    loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
+    uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
+    save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
+
+
+def _top_pack_hook() -> Any:
+    """The pack function of the innermost saved-tensors hooks now active (None without any)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+    return top[0] if top else None
+
+
+def _is_checkpoint_hook(pack: Any) -> bool:
+    """torch.utils.checkpoint's (non-reentrant) pack hook: what it packs is recomputed in backward."""
+    return bool(getattr(pack, "_checkpoint_internal", False)) or "_checkpoint_hook" in getattr(pack, "__qualname__", "")
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _ask_hook(hook: Any, module, inputs, output, device: str) -> int | None:
+    """First non-None answer of the activation hook (pluggy returns a value or a list)."""
+    if hook is None:
+        return None
+    answer = hook.pytest_gpumem_activation_bytes(module=module, inputs=inputs, output=output, device=device)
+    if isinstance(answer, list):
+        answer = next((a for a in answer if a is not None), None)
+    return answer
+
+
+def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Callable | None = None,
+               device: str = "cuda", hooks: Iterable[Any] = (), autocast_dtype: torch.dtype | None = None,
+               reuse_blocks: bool = True) -> _Trace:
+    """Run forward and loss on a meta twin, recording each module call and every saved tensor.
+
+    With ``device="cuda"`` the trace runs inside :func:`emulation.cuda_semantics`, so dropout, attention
+    and autocast save what CUDA kernels save (the same substitutions the emulated backend uses).
+    """
+    twin = meta_twin(model)
+    tracer = _Tracer(twin, hooks, device)
+    cache = BlockCache(twin, tracer) if reuse_blocks else None
+    handles = [h for m in twin.modules()
+               for h in (m.register_forward_pre_hook(tracer.pre), m.register_forward_hook(tracer.post))]
+    try:
+        output, loss, inputs, meta_target = tracer.run(batch, target, loss_fn, autocast_dtype)
+    finally:
+        for h in handles:
+            h.remove()
+        if cache is not None:
+            cache.restore()
+    # a loss closing over ``model`` (an L1 penalty) reads the user's own parameters, not the twin's: what it
+    # saves of them (abs() saves its input) is a parameter, not an activation
+    param_keys = {_storage_key(t) for t in itertools.chain(twin.parameters(), twin.buffers(),
+                                                           model.parameters(), model.buffers())}
+    batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
+    reused = (cache.hits, cache.records) if cache is not None else (0, 0)
+    return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
+                  _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
+                  tracer.uses, tracer.save_ops)
+
+
+def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
+    """Parameters the loss reaches through autograd nodes made after the model's output (not via the model).
+
+    A loss closing over the user's model uses its real parameters: ``twin_of`` maps their ids to the twin's."""
+    made_by_model = [t.grad_fn._sequence_nr() for t in _tensors(output) if t.grad_fn is not None]
+    after = max(made_by_model, default=-1)
+    found: set[int] = set()
+    todo = [t.grad_fn for t in _tensors(loss) if t.grad_fn is not None]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf parameter
+            found.add(twin_of.get(id(node.variable), id(node.variable)))
+        elif node._sequence_nr() > after:
+            todo.extend(n for n, _ in node.next_functions)
+    return frozenset(found)
+
+
+#: how an op touched a tensor (``_Uses``): made it, read it, or read it differentiably (a grad flows back)
+OUT, IN, GRAD_IN = 0, 1, 2
+
+
+class _Uses(TorchDispatchMode):
+    """Every op's tensors in order, numbered by op: when a storage appears and when grad last flows into it.
+
+    Module hooks see only module calls; a residual add in a parent's forward is an op, and it is what keeps
+    the block input (forward) and its gradient (backward) alive across the calls in between."""
+
+    def __init__(self, tracer: "_Tracer") -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tr = self.tracer
+        if not tr.paused:
+            op = tr.ops
+            tr.ops += 1
+            for t in _tensors((args, kwargs)):
+                tr.uses.append((op, t, GRAD_IN if t.requires_grad and t.is_floating_point() else IN))
+            for t in _tensors(out):
+                tr.uses.append((op, t, OUT))
+        return out
+
+
+class _Tracer:
+    """Forward hooks and the saved-tensor hook of one trace: call records and saves in order."""
+
+    def __init__(self, twin: nn.Module, hooks: Iterable[Any], device: str) -> None:
+        self.hooks = list(hooks)
+        self.device = device
+        self.calls: list[_Call] = []
+        self.stack: list[int] = []
+        self.order: list[tuple[int, torch.Tensor]] = []
+        self.save_ops: list[int] = []  #: per entry of ``order``: the op that saved it (autograd packs after the op ran)
+        self.names = {id(m): n for n, m in twin.named_modules()}
+        self.twin = twin
+        self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
+        self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
+        self.ops = 0  #: ops run so far (the _Uses counter)
+        self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
+        self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
+
+    new_call = staticmethod(lambda **fields: _Call(**fields))
+
+    def pre(self, module, args):
+        parent = self.stack[-1] if self.stack else None
+        call = _Call(len(self.calls), self.names.get(id(module), "") or type(module).__name__, module, parent,
+                     len(self.stack))
+        if parent is not None:
+            self.calls[parent].children += 1
+        call.inputs = tuple(_tensors(args))
+        call.op_start = self.ops
+        self.calls.append(call)
+        self.stack.append(call.index)
+        foreign = _top_pack_hook()
+        if foreign is not None and _is_checkpoint_hook(foreign):
+            # Inside torch.utils.checkpoint: record what the call would save (backward recomputes exactly
+            # that) by putting our hook back on top until the call ends; the saves are tagged, not kept.
+            call.region = self.regions.setdefault(foreign, len(self.regions))
+            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+            hooks.__enter__()
+            self.pushed.append((call.index, hooks))
+
+    def post(self, module, args, output):
+        call = self.calls[self.stack.pop()]
+        if self.pushed and self.pushed[-1][0] == call.index:
+            self.pushed.pop()[1].__exit__(None, None, None)
+        call.output, call.end, call.op_end = output, len(self.order), self.ops
+        for h in self.hooks:
+            answer = _ask_hook(h, module, call.inputs, output, self.device)
+            if answer is not None:
+                call.items, call.method = (int(answer),), "hook"
+                return
+        fn = formulas.formula_for(module, autocast=torch.is_autocast_enabled("cuda"))
+        if fn is not None:
+            call.items, call.method = tuple(fn(module, call.inputs, output, self.device)), "formula"
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stack:
+            self.calls[self.stack[-1]].saved.append(t)
+            self.order.append((self.stack[-1], t))
+            self.save_ops.append(self.ops - 1)
+        return t
+
+    def unwind(self) -> None:
+        """Pop hooks a checkpointed call pushed and never popped (its forward raised)."""
+        while self.pushed:
+            self.pushed.pop()[1].__exit__(None, None, None)
+
+    def run(self, batch: Any, target: Any, loss_fn: Callable | None, autocast_dtype: torch.dtype | None):
+        """Forward and loss on meta copies of the batch; returns (output, loss, inputs, target) on meta."""
+        from .._core.step_calls import call_model, default_loss
+
+        inputs, meta_target = _to_meta(batch), _to_meta(target)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
+            stack.enter_context(_Uses(self))
+            stack.callback(self.unwind)
+            if self.device == "cuda" or autocast_dtype is not None:
+                from .._emulation import cuda_semantics, emulated_autocast
+
+                # device="cpu" borrows only the autocast emulation (real autocast ignores meta tensors):
+                # CUDA's lists, which cast the same matmul/conv ops to the low-precision dtype as CPU's.
+                stack.enter_context(cuda_semantics(only=None if self.device == "cuda" else ("autocast",)))
+                if autocast_dtype is not None:
+                    stack.enter_context(emulated_autocast(autocast_dtype))
+            if self.device == "cpu":
+                stack.enter_context(_CpuAttention())
+            output = call_model(self.twin, inputs)
+            loss_call = _Call(len(self.calls), "loss", None, None, 0)
+            loss_call.inputs = tuple(_tensors(output))
+            loss_call.op_start = self.ops
+            self.calls.append(loss_call)
+            self.stack.append(loss_call.index)
+            loss = (loss_fn or default_loss)(output, meta_target)
+            self.stack.pop()
+            loss_call.output, loss_call.end, loss_call.op_end = loss, len(self.order), self.ops
+        return output, loss, inputs, meta_target

@@ -1,0 +1,1 @@
+"""Reporting: tables, the results JSON, HTML, baselines and the CI gate, snapshots, atomic file writing."""

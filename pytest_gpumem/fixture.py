@@ -1,0 +1,133 @@
+"""The ``gpumem`` fixture: where to build tensors, and ways to measure a training step under the test's budget."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Iterator
+
+import pytest
+import torch
+
+from ._core.results import StepReport
+from ._measure.backends import Backend, cuda_device_for_worker, make_backend
+from ._measure.step import measure_step, track
+
+if TYPE_CHECKING:
+    from .plugin import Manager
+
+#: measure_step options that change what the step does, so the estimate must be told them too
+_SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
+
+
+class GpuMem:
+    """The ``gpumem`` fixture: where to build tensors, and ways to measure a training step."""
+
+    def __init__(self, manager: Manager, item: pytest.Item) -> None:
+        self._manager = manager
+        self._item = item
+        self._state = manager.state_for(item)
+        if self._state.backend_name == "cuda" and not torch.cuda.is_available():
+            pytest.skip("gpu_budget(backend='cuda') needs a GPU; torch.cuda.is_available() is False here")
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
+        self._backend_factory = lambda: make_backend(self._state.backend_name, cuda_device=cuda_device)
+        probe = self._backend_factory()
+        #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
+        self.device: torch.device = probe.device
+        #: the backend measuring this test: 'cuda', 'cpu' or 'emulated'
+        self.backend: str = probe.name
+
+    @property
+    def reports(self) -> list[StepReport]:
+        """Every StepReport this test produced, in order."""
+        return list(self._state.reports)
+
+    def _backend(self) -> Backend:
+        return self._backend_factory()
+
+    def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
+        """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
+        estimate = self._estimate(model, optimizer, batch, loss_fn, target, kwargs)
+        backend = self._backend()
+        try:
+            with self._snapshot(backend):
+                report = measure_step(model, optimizer, batch, loss_fn=loss_fn, target=target, backend=backend, **kwargs)
+        finally:
+            self._state.trackers.extend(backend.trackers)
+        if estimate is not None:
+            self._state.estimates[len(self._state.reports)] = estimate
+        self._state.reports.append(report)
+        return report
+
+    def _snapshot(self, backend: Backend) -> contextlib.AbstractContextManager:
+        """--gpumem-snapshot: record the CUDA allocator's history around the measurement."""
+        gating = self._manager.gating
+        return gating.snapshot(self._item.nodeid, backend.name) if gating is not None else contextlib.nullcontext()
+
+    def _estimate(self, model, optimizer, batch, loss_fn, target, kwargs):
+        """The analytical estimate of the step about to be measured (before it changes the optimizer's state)."""
+        if self._manager.rtol_for(self._state) is None:
+            return None
+        from ._estimate import estimate_step
+
+        device = "cpu" if self.backend == "cpu" else "cuda"
+        try:
+            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
+                                 hook=self._item.config.hook,
+                                 **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
+        except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
+            self._item.add_report_section(
+                "call", "gpumem estimate", f"no estimate for this step ({type(exc).__name__}: {exc}); not compared"
+            )
+            return None
+
+    @contextlib.contextmanager
+    def track(self, model=None, optimizer=None, batch=None):
+        """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
+        backend = self._backend()
+        handle = None
+        try:
+            with self._snapshot(backend), track(model, optimizer, batch, backend=backend) as handle:
+                self._state.trackers.extend(backend.trackers)
+                yield handle
+        finally:
+            if handle is not None and handle.report is not None:  # also when the loop raised: a partial report
+                self._state.reports.append(handle.report)
+
+    def fuzz(self, *args, **kwargs):
+        """Property-check the user's model family with hypothesis (see ``pytest_gpumem.fuzz.fuzz``)."""
+        from ._tools.fuzz import fuzz
+
+        kwargs.setdefault("backend", self.backend)
+        if self._state.budget is not None and self._state.budget.total is not None:
+            kwargs.setdefault("budget", self._state.budget.total)
+        kwargs.setdefault("on_example", self._state.reports.append)
+        return fuzz(*args, **kwargs)
+
+    def max_batch_size(self, *args, **kwargs) -> int:
+        """Largest batch whose peak fits ``safety x budget`` (budget defaults to the test's)."""
+        from ._tools.advisor import max_batch_size
+
+        kwargs.setdefault("backend", self.backend)
+        if "budget" not in kwargs and self._state.budget is not None and self._state.budget.total is not None:
+            kwargs["budget"] = self._state.budget.total
+        value = max_batch_size(*args, **kwargs)
+        self._state.max_batch = value
+        return value
+
+    def summary(self, model, batch, **kwargs) -> str:
+        """Per-layer table: output shape, params, activation bytes, formula or traced."""
+        from ._tools.summary import summary
+
+        kwargs.setdefault("device", "cpu" if self.backend == "cpu" else "cuda")
+        return summary(model, batch, **kwargs)
+
+
+@pytest.fixture
+def gpumem(request: pytest.FixtureRequest) -> Iterator[GpuMem]:
+    """Measure training steps of this test against its gpu_budget (see GpuMem)."""
+    manager: Manager = request.config.pluginmanager.get_plugin("gpumem-manager")
+    handle = GpuMem(manager, request.node)
+    yield handle
