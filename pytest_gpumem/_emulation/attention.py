@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .._compat import cuda_efficient_attention, cuda_flash_attention
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
 
@@ -46,11 +47,11 @@ def _efficient_attention(func: Callable, args: tuple, kwargs: dict, proceed: Pro
         return proceed(args, kwargs)
     kernel = _cuda_attention_kernel(q, k, v, mask)
     if kernel == "flash":
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        return cuda_flash_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     if kernel == "efficient":
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, _attention_bias(mask, q, k), needs_lse, dropout_p, is_causal, scale=scale)[0]
+        return cuda_efficient_attention(q, k, v, _attention_bias(mask, q, k), compute_log_sumexp=needs_lse,
+                                        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     return proceed(args, kwargs)
 
 

@@ -5,12 +5,14 @@ import functools
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
+from .. import _compat
 from .substitutions import Proceed, Substitution, _on_meta, _register
 
 
-# The CUDA lists of aten/src/ATen/autocast_mode.cpp (torch 2.4 .. 2.14), by python-level name.
+# The CUDA lists of aten/src/ATen/autocast_mode.cpp (torch releases in _compat.AUTOCAST_LISTS_CHECKED), by
+# python-level name; another torch release gets an UncheckedTorchWarning on import.
+_compat.warn_if_unchecked("the emulation's autocast op lists", _compat.AUTOCAST_LISTS_CHECKED)
 _LOWER = """conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d conv_transpose3d convolution
     _convolution cudnn_convolution cudnn_convolution_transpose prelu addmm addmv addr matmul __matmul__
     __rmatmul__ einsum mm mv linear addbmm baddbmm bmm chain_matmul linalg_multi_dot lstm_cell gru_cell
@@ -26,7 +28,7 @@ _FP32 = """acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt
 _FP32_DTYPE = """prod softmax log_softmax cumprod cumsum linalg_vector_norm linalg_matrix_norm sum norm"""
 _PROMOTE = """addcdiv addcmul atan2 bilinear cross dot grid_sampler index_put tensordot scatter_add"""
 _BANNED = """binary_cross_entropy"""
-_NAMESPACES = (torch, F, torch._C._nn, torch.Tensor, torch._C.TensorBase, torch.linalg)
+_NAMESPACES = _compat.python_op_namespaces()
 
 
 def _callables(names: str) -> frozenset:
@@ -62,7 +64,7 @@ class _WeightCache:
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         cacheable = (torch.is_autocast_cache_enabled() and dtype == torch.get_autocast_dtype("cuda")
-                     and t.dtype is torch.float32 and t.requires_grad and t.is_leaf and not t._is_view())
+                     and t.dtype is torch.float32 and t.requires_grad and t.is_leaf and not _compat.is_view(t))
         if not cacheable:
             return t.to(dtype)
         hit = self.copies.get(id(t))
@@ -131,7 +133,7 @@ _register(Substitution(
     intercepts=frozenset(_POLICY),
     run=_autocast,
     patches=(
-        (torch.cuda.amp.common, "amp_definitely_not_available", lambda original: _without_gpu(original, False)),
+        (*_compat.amp_availability_patch_target(), lambda original: _without_gpu(original, False)),
         (torch.cuda, "is_bf16_supported", lambda original: _without_gpu(original, True)),  # as on sm80+
         (torch, "clear_autocast_cache", _clear_autocast_cache),
     ),

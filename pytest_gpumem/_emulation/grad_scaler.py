@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .._compat import grad_scaler_step_patch_target
 from .substitutions import SUBSTITUTIONS, Substitution, _on_meta, _patched, _register
 
 
@@ -20,7 +21,7 @@ _register(Substitution(
     "grad_scaler",
     "torch.amp.GradScaler('cuda') stays enabled without a GPU and steps without reading found_inf from a meta "
     "tensor (torch 2.4-2.14; its scale, growth tracker, found_inf and unscale run as on CUDA).",
-    patches=((torch.amp.grad_scaler.GradScaler, "_maybe_opt_step", _step_without_inf_check),),
+    patches=((*grad_scaler_step_patch_target(), _step_without_inf_check),),
 ))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from .._compat import foreach_sqrt_op, is_view, op_returns_nothing, tree_flatten, tree_unflatten
 
 aten = torch.ops.aten
 
@@ -30,7 +30,7 @@ MEMOISED = frozenset({
     aten.native_batch_norm_backward.default,
     aten.threshold_backward.default,
     aten.zeros_like.default,  # optimizer state
-    aten._foreach_sqrt.default,
+    foreach_sqrt_op(),
 })
 
 _PLAIN = (bool, int, float, torch.dtype, torch.layout, torch.device, torch.memory_format)
@@ -86,7 +86,7 @@ def _record(out: Any, args: tuple) -> Any:
         if leaf is None:
             metas.append(None)
             continue
-        if not isinstance(leaf, torch.Tensor) or leaf.device.type != "meta" or leaf._base is not None \
+        if not isinstance(leaf, torch.Tensor) or leaf.device.type != "meta" or is_view(leaf) \
                 or leaf.storage_offset() != 0 or leaf.layout != torch.strided:
             return _UNCACHEABLE
         storage = leaf.untyped_storage()
@@ -128,6 +128,6 @@ def kernel_for(func: Any) -> Kernel | None:
     if func in MEMOISED:
         return memoised
     name = getattr(func, "__name__", "")
-    if name.startswith("_foreach_") and name.split(".")[0].endswith("_") and not func._schema.returns:
+    if name.startswith("_foreach_") and name.split(".")[0].endswith("_") and op_returns_nothing(func):
         return foreach_in_place
     return None

@@ -4,42 +4,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import types
 import warnings
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .._compat import checks_torch_function as _checks_torch_function
+from .._compat import without_torch_function_checks as _transparent
 from .autocast import _CACHE
 from .substitutions import SUBSTITUTIONS, Substitution, _patched
 
 
-_NO_TORCH_FUNCTION = {name: (lambda *args: False) for name in
-                      ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")}
-
-
-def _checks_torch_function(func: Any) -> bool:
-    """A python function of torch.nn.functional that does its own has_torch_function check."""
-    return (isinstance(func, types.FunctionType) and func.__module__ == F.__name__
-            and not _NO_TORCH_FUNCTION.keys().isdisjoint(func.__code__.co_names))
-
-
 _PASS_THROUGH: set[Any] = set()  #: callables seen not to need the mode (no substitution, not an F function)
-
-
-@functools.lru_cache(maxsize=None)
-def _transparent(func: types.FunctionType) -> types.FunctionType:
-    """A copy of a python torch.nn.functional function without its own __torch_function__ check.
-
-    A TorchFunctionMode sees F.multi_head_attention_forward but not the linear / sdpa / dropout calls inside
-    it (the mode is off while it handles a call); running this copy with the mode on lets it see them.
-    """
-    clone = types.FunctionType(func.__code__, {**func.__globals__, **_NO_TORCH_FUNCTION}, func.__name__,
-                               func.__defaults__, func.__closure__)
-    clone.__kwdefaults__ = func.__kwdefaults__
-    return clone
 
 
 class _CudaSemanticsMode(TorchFunctionMode):

@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
 
 META = torch.device("meta")
 _PRIMITIVES = (int, float, str, bool, type(None), torch.dtype, torch.device)
@@ -30,7 +29,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 
 
 def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+    return storage_key(t)
 
 
 def _value_signature(v: Any) -> Any:
@@ -165,7 +164,7 @@ class BlockCache:
         for m in model.modules():
             if m is model or not any(True for _ in m.children()):
                 continue
-            if len(m._forward_hooks) > 1 or len(m._forward_pre_hooks) > 1:
+            if max(forward_hook_counts(m)) > 1:
                 continue  # a user's hook would be skipped by a replay
             signatures[m] = module_signature(m)
         counts: dict[tuple, int] = {}

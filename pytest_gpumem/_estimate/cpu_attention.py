@@ -1,11 +1,10 @@
 """CPU attention on meta: make scaled_dot_product_attention save what the CPU's flash kernel saves."""
 from __future__ import annotations
 
-import functools
-from types import FunctionType
-
 import torch
 from torch.overrides import TorchFunctionMode
+
+from .._compat import cpu_flash_attention, without_torch_function_checks
 
 
 class _CpuAttention(TorchFunctionMode):
@@ -24,23 +23,12 @@ class _CpuAttention(TorchFunctionMode):
                     and q.size(1) == k.size(1) == v.size(1) and not bound.get("dropout_p", 0.0)
                     and not bound.get("enable_gqa", False) and len(args) <= 6)
             if fits:
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, bool(bound.get("is_causal", False)), attn_mask=bound.get("attn_mask"),
-                    scale=bound.get("scale"))[0]
+                return cpu_flash_attention(q, k, v, is_causal=bool(bound.get("is_causal", False)),
+                                           attn_mask=bound.get("attn_mask"), scale=bound.get("scale"))
         if func is torch.nn.functional.multi_head_attention_forward:
             # the mode is off while it handles a call, so the sdpa inside nn.MultiheadAttention would go unseen
             # (and keep the L x L math path): run a copy without its own torch-function check, mode on
             with self:
-                return _unchecked(func)(*args, **kwargs)
+                return without_torch_function_checks(func)(*args, **kwargs)
         return func(*args, **kwargs)
 
-
-@functools.lru_cache(maxsize=None)
-def _unchecked(func: FunctionType) -> FunctionType:
-    """A copy of a torch.nn.functional function whose has_torch_function checks answer False."""
-    no = dict.fromkeys(("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"),
-                       lambda *args: False)
-    clone = FunctionType(func.__code__, {**func.__globals__, **no}, func.__name__, func.__defaults__,
-                         func.__closure__)
-    clone.__kwdefaults__ = func.__kwdefaults__
-    return clone

@@ -12,7 +12,7 @@ META = torch.device("meta")
 
 
 def _to_meta(obj: Any) -> Any:
-    from torch.utils._pytree import tree_map
+    from .._compat import tree_map
 
     return tree_map(lambda t: torch.empty_like(t, device=META) if isinstance(t, torch.Tensor) else t, obj)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
+from .._compat import storage_key, tree_flatten
 
 
 def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+    return storage_key(t)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import _compat
+from .._compat import TorchDispatchMode
 from . import layer_formulas as formulas
 from .block_cache import BlockCache
 from .cpu_attention import _CpuAttention
@@ -51,17 +52,6 @@ class _Trace:
     loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
-
-
-def _top_pack_hook() -> Any:
-    """The pack function of the innermost saved-tensors hooks now active (None without any)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
-    return top[0] if top else None
-
-
-def _is_checkpoint_hook(pack: Any) -> bool:
-    """torch.utils.checkpoint's (non-reentrant) pack hook: what it packs is recomputed in backward."""
-    return bool(getattr(pack, "_checkpoint_internal", False)) or "_checkpoint_hook" in getattr(pack, "__qualname__", "")
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +103,7 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     """Parameters the loss reaches through autograd nodes made after the model's output (not via the model).
 
     A loss closing over the user's model uses its real parameters: ``twin_of`` maps their ids to the twin's."""
-    made_by_model = [t.grad_fn._sequence_nr() for t in _tensors(output) if t.grad_fn is not None]
+    made_by_model = [_compat.sequence_nr(t.grad_fn) for t in _tensors(output) if t.grad_fn is not None]
     after = max(made_by_model, default=-1)
     found: set[int] = set()
     todo = [t.grad_fn for t in _tensors(loss) if t.grad_fn is not None]
@@ -125,7 +115,7 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
         seen.add(id(node))
         if hasattr(node, "variable"):  # AccumulateGrad: a leaf parameter
             found.add(twin_of.get(id(node.variable), id(node.variable)))
-        elif node._sequence_nr() > after:
+        elif _compat.sequence_nr(node) > after:
             todo.extend(n for n, _ in node.next_functions)
     return frozenset(found)
 
@@ -187,8 +177,8 @@ class _Tracer:
         call.op_start = self.ops
         self.calls.append(call)
         self.stack.append(call.index)
-        foreign = _top_pack_hook()
-        if foreign is not None and _is_checkpoint_hook(foreign):
+        foreign = _compat.top_pack_hook()
+        if foreign is not None and _compat.is_checkpoint_pack_hook(foreign):
             # Inside torch.utils.checkpoint: record what the call would save (backward recomputes exactly
             # that) by putting our hook back on top until the call ends; the saves are tagged, not kept.
             call.region = self.regions.setdefault(foreign, len(self.regions))

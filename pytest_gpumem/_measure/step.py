@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from .._compat import running_backward, tree_flatten
 
 from .backends import Backend, make_backend
 from .._core.categories import PHASES, Category, Phase
@@ -332,12 +332,12 @@ def track(
         cur_step, cur_phase = session.current
         if phase is Phase.FORWARD and cur_phase in (Phase.OPTIMIZER, Phase.ZERO_GRAD):
             step[0] += 1
-        recomputing = phase is Phase.FORWARD and torch._C._current_graph_task_id() != -1  # checkpoint replay
+        recomputing = phase is Phase.FORWARD and running_backward()  # checkpoint replay
         if (step[0], phase) != session.current and not recomputing:
             session.phase(step[0], phase)
 
     def on_dispatch() -> None:
-        if torch._C._current_graph_task_id() != -1 and session.current and session.current[1] is not Phase.BACKWARD:
+        if running_backward() and session.current and session.current[1] is not Phase.BACKWARD:
             enter(Phase.BACKWARD)
 
     session.tracker.on_dispatch = on_dispatch

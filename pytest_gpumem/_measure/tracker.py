@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from .._compat import TorchDispatchMode, tree_flatten
 
 from .._core.categories import CATEGORIES, Category, Phase
 

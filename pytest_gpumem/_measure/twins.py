@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from .._compat import module_registries, tree_map
 
 
 def move_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -61,7 +61,7 @@ def swapped_in(model: nn.Module, mapping: dict[int, torch.Tensor]) -> Iterator[n
 
     Every new registry is built before any is changed, so a failure leaves the model as it was.
     """
-    stores = [store for module in model.modules() for store in (module._parameters, module._buffers)]
+    stores = [store for module in model.modules() for store in module_registries(module)]
     originals = [dict(store) for store in stores]
     replaced = [{name: (mapping[id(t)] if t is not None else None) for name, t in store.items()} for store in originals]
     try:

@@ -43,18 +43,18 @@ def snapshot_context(directory: str | os.PathLike[str], nodeid: str, *, enabled:
         result.note = f"gpumem: no allocator snapshot for {nodeid}: snapshots need the cuda backend"
         yield result
         return
-    from torch.cuda import memory as cuda_memory
+    from .._compat import dump_memory_snapshot, record_memory_history, stop_memory_history
 
     target = Path(directory) / snapshot_filename(nodeid)
     target.parent.mkdir(parents=True, exist_ok=True)
-    cuda_memory._record_memory_history(max_entries=MAX_ENTRIES)
+    record_memory_history(MAX_ENTRIES)
     try:
         yield result
     finally:  # dumped on failure too: an out-of-memory step is when a snapshot matters most
         partial = target.with_name(target.name + ".tmp")
         try:
-            cuda_memory._dump_snapshot(str(partial))
+            dump_memory_snapshot(str(partial))
             os.replace(partial, target)
             result.path = target
         finally:
-            cuda_memory._record_memory_history(enabled=None)
+            stop_memory_history()

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from .._compat import set_hypothesis_digest
 from .._core.units import format_bytes, format_percent, parse_bytes
 
 __all__ = ["fuzz", "FuzzCase", "FuzzFailure", "FuzzResult"]
@@ -188,7 +189,7 @@ def fuzz(
                               f"({report.backend}) for {case!r}\n{comparison.message}", case, report, est)
 
     test = given(case=cases)(one_example)
-    test.hypothesis.inner_test._hypothesis_internal_add_digest = _digest(make_model, model_args, backend)
+    set_hypothesis_digest(test, _digest(make_model, model_args, backend))
     # An example takes 0.05-1 s, and the first one also pays torch's lazy imports: wall time is not the
     # property here, so no deadline unless the caller's settings ask for one.
     base = settings if settings is not None else hypothesis.settings(deadline=None)

@@ -1,0 +1,220 @@
+"""One test per private torch/hypothesis internal in pytest_gpumem._compat: each fails loudly, naming the
+internal and the torch version, when a release moves or changes it."""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import hypothesis
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch.utils.checkpoint import checkpoint
+
+from pytest_gpumem import _compat
+
+TORCH = f"torch {torch.__version__}"
+
+
+def _moved(internal: str) -> str:
+    return f"{internal} moved or changed in {TORCH}: update pytest_gpumem/_compat.py"
+
+
+def test_dispatch_mode_and_pytree_are_importable():
+    assert hasattr(_compat.TorchDispatchMode, "__torch_dispatch__"), _moved("torch.utils._python_dispatch.TorchDispatchMode")
+    leaves, spec = _compat.tree_flatten({"a": (1, 2), "b": [3]})
+    assert sorted(leaves) == [1, 2, 3] and _compat.tree_unflatten(leaves, spec) == {"a": (1, 2), "b": [3]}, \
+        _moved("torch.utils._pytree")
+    assert _compat.tree_map(lambda x: x * 2, [1, (2,)]) == [2, (4,)], _moved("torch.utils._pytree.tree_map")
+
+
+def test_storage_key_is_shared_by_views_and_distinct_between_storages():
+    a = torch.empty(4, 4, device="meta")
+    b = torch.empty(4, 4, device="meta")
+    assert _compat.storage_key(a) == _compat.storage_key(a[1:]) == _compat.storage_key(a.t()), \
+        _moved("UntypedStorage._cdata")
+    assert _compat.storage_key(a) != _compat.storage_key(b), _moved("UntypedStorage._cdata")
+
+
+def test_is_view():
+    x = torch.ones(3, 3)
+    assert _compat.is_view(x[0]) and not _compat.is_view(x), _moved("Tensor._is_view")
+
+
+def test_sequence_nr_orders_autograd_nodes():
+    x = torch.ones(2, requires_grad=True)
+    first = x * 2
+    second = first + 1
+    assert _compat.sequence_nr(second.grad_fn) > _compat.sequence_nr(first.grad_fn), _moved("Node._sequence_nr")
+
+
+def test_running_backward_is_true_only_inside_the_engine():
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(_compat.running_backward()))
+    assert not _compat.running_backward(), _moved("torch._C._current_graph_task_id")
+    y.sum().backward()
+    assert seen == [True], _moved("torch._C._current_graph_task_id")
+
+
+def test_module_registries_are_the_dicts_the_module_reads():
+    lin = torch.nn.Linear(2, 2)
+    params, buffers = _compat.module_registries(lin)
+    replacement = torch.nn.Parameter(torch.zeros(2, 2))
+    params["weight"] = replacement
+    assert lin.weight is replacement, _moved("nn.Module._parameters")
+    bn = torch.nn.BatchNorm1d(2)
+    assert "running_mean" in _compat.module_registries(bn)[1], _moved("nn.Module._buffers")
+
+
+def test_forward_hook_counts():
+    lin = torch.nn.Linear(2, 2)
+    assert _compat.forward_hook_counts(lin) == (0, 0)
+    lin.register_forward_hook(lambda *a: None)
+    lin.register_forward_pre_hook(lambda *a: None)
+    lin.register_forward_pre_hook(lambda *a: None)
+    assert _compat.forward_hook_counts(lin) == (1, 2), _moved("nn.Module._forward_hooks/_forward_pre_hooks")
+
+
+def test_op_returns_nothing_reads_the_schema():
+    assert _compat.op_returns_nothing(torch.ops.aten._foreach_add_.Scalar), _moved("OpOverload._schema")
+    assert not _compat.op_returns_nothing(torch.ops.aten.add.Tensor), _moved("OpOverload._schema")
+
+
+def test_foreach_sqrt_op():
+    out = _compat.foreach_sqrt_op()([torch.full((2,), 4.0)])
+    assert torch.equal(out[0], torch.full((2,), 2.0)), _moved("aten._foreach_sqrt.default")
+
+
+def test_attention_kernels_on_meta_return_the_output_shape():
+    # (B, H, L, E) = (2, 3, 5, 8): every kernel's output is B*H*L*E like q
+    q = k = v = torch.empty(2, 3, 5, 8, device="meta", dtype=torch.float16)
+    assert _compat.cpu_flash_attention(q.float(), k.float(), v.float(), is_causal=False, attn_mask=None,
+                                       scale=None).shape == (2, 3, 5, 8), \
+        _moved("aten._scaled_dot_product_flash_attention_for_cpu")
+    assert _compat.cuda_flash_attention(q, k, v, dropout_p=0.0, is_causal=True, scale=None).shape == (2, 3, 5, 8), \
+        _moved("aten._scaled_dot_product_flash_attention")
+    out = _compat.cuda_efficient_attention(q, k, v, None, compute_log_sumexp=True, dropout_p=0.0, is_causal=False,
+                                           scale=None)
+    assert out.shape == (2, 3, 5, 8), _moved("aten._scaled_dot_product_efficient_attention")
+
+
+def test_top_pack_hook_sees_the_innermost_saved_tensors_hooks():
+    def pack(t):
+        return t
+
+    assert _compat.top_pack_hook() is None, _moved("torch._C._autograd._top_saved_tensors_default_hooks")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        assert _compat.top_pack_hook() is pack, _moved("torch._C._autograd._top_saved_tensors_default_hooks")
+
+
+def test_checkpoint_pack_hook_is_recognised_inside_checkpoint_only():
+    seen = []
+
+    def body(x):
+        pack = _compat.top_pack_hook()
+        seen.append(pack is not None and _compat.is_checkpoint_pack_hook(pack))
+        return x.sin()
+
+    x = torch.ones(3, requires_grad=True)
+    checkpoint(body, x, use_reentrant=False)
+    assert seen == [True], _moved("torch.utils.checkpoint._checkpoint_hook's pack_hook")
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert not _compat.is_checkpoint_pack_hook(_compat.top_pack_hook())
+
+
+def test_function_copies_without_torch_function_checks():
+    assert _compat.checks_torch_function(F.multi_head_attention_forward), \
+        _moved("torch.nn.functional's has_torch_function checks")
+    assert not _compat.checks_torch_function(torch.relu)
+    clone = _compat.without_torch_function_checks(F.layer_norm)
+    assert clone is _compat.without_torch_function_checks(F.layer_norm)  # made once per function
+    for name in _compat.HAS_TORCH_FUNCTION_NAMES:
+        assert clone.__globals__[name]() is False
+    x = torch.randn(2, 4)
+    assert torch.equal(clone(x, (4,)), F.layer_norm(x, (4,))), _moved("F.layer_norm's code object")
+
+
+def test_autocast_lists_were_checked_on_this_torch():
+    (lo_major, lo_minor), (hi_major, hi_minor) = _compat.AUTOCAST_LISTS_CHECKED
+    assert (lo_major, lo_minor) <= _compat.TORCH_VERSION <= (hi_major, hi_minor), (
+        f"the emulation's autocast op lists were checked on torch {lo_major}.{lo_minor}..{hi_major}.{hi_minor}, not "
+        f"{TORCH}: compare aten/src/ATen/autocast_mode.cpp with _emulation/autocast.py, then extend "
+        "_compat.AUTOCAST_LISTS_CHECKED")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compat.warn_if_unchecked("x", _compat.AUTOCAST_LISTS_CHECKED)
+    with pytest.warns(_compat.UncheckedTorchWarning, match="checked on torch 1.0 .. 1.1"):
+        assert not _compat.warn_if_unchecked("x", ((1, 0), (1, 1)))
+
+
+def test_python_op_namespaces_hold_the_autocast_callables():
+    namespaces = _compat.python_op_namespaces()
+    assert any(getattr(ns, "linear", None) is not None for ns in namespaces[2:3]), _moved("torch._C._nn.linear")
+    assert hasattr(namespaces[4], "matmul"), _moved("torch._C.TensorBase")
+
+
+def test_amp_availability_check_is_called_through_the_module():
+    owner, name = _compat.amp_availability_patch_target()
+    calls = []
+    original = getattr(owner, name)
+    setattr(owner, name, lambda: calls.append(1) or False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scaler = torch.amp.GradScaler("cuda")
+    finally:
+        setattr(owner, name, original)
+    assert calls and scaler.is_enabled(), _moved("torch.cuda.amp.common.amp_definitely_not_available")
+
+
+def test_grad_scaler_private_attributes():
+    owner, name = _compat.grad_scaler_step_patch_target()
+    scaler = torch.amp.GradScaler("cpu")
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    scaler.scale(lin(torch.ones(1, 2)).sum()).backward()
+    for attr in _compat.GRAD_SCALER_ATTRIBUTES:
+        assert hasattr(scaler, attr), _moved(f"torch.amp.GradScaler.{attr}")
+    calls = []
+    original = getattr(owner, name)
+    setattr(owner, name, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    try:
+        scaler.step(opt)
+    finally:
+        setattr(owner, name, original)
+    assert calls == [1], _moved("torch.amp.GradScaler._maybe_opt_step (no longer called by step)")
+    assert scaler._get_growth_tracker() == 0, _moved("torch.amp.GradScaler._get_growth_tracker")
+
+
+def test_memory_history_functions_take_the_arguments_we_pass():
+    record = torch.cuda.memory._record_memory_history
+    params = inspect.signature(record).parameters
+    assert {"enabled", "max_entries"} <= set(params), _moved("torch.cuda.memory._record_memory_history")
+    assert "filename" in inspect.signature(torch.cuda.memory._dump_snapshot).parameters, \
+        _moved("torch.cuda.memory._dump_snapshot")
+
+
+def test_hypothesis_digest_changes_the_database_key():
+    from hypothesis.internal.reflection import function_digest
+
+    @given(st.integers())
+    def prop(x):
+        pass
+
+    before = function_digest(prop.hypothesis.inner_test)
+    _compat.set_hypothesis_digest(prop, b"one")
+    one = function_digest(prop.hypothesis.inner_test)
+    _compat.set_hypothesis_digest(prop, b"two")
+    assert before != one != function_digest(prop.hypothesis.inner_test), (
+        f"hypothesis {hypothesis.__version__} no longer reads _hypothesis_internal_add_digest: "
+        "update pytest_gpumem/_compat.py")
+
+
+def test_a_missing_internal_is_named_with_the_torch_version():
+    err = _compat.TorchInternalMissing("torch._C._autograd._gone")
+    assert "torch._C._autograd._gone" in str(err) and torch.__version__ in str(err)
+    with pytest.raises(_compat.TorchInternalMissing, match="_nope"):
+        _compat._require(torch._C, "_nope", "torch._C")
