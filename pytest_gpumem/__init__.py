@@ -5,12 +5,15 @@ from . import strategies
 from ._core.categories import Category, Phase
 from ._core.results import PhaseStats, StepMeasurement, StepReport
 from ._core.units import format_bytes, parse_bytes
-from ._estimate import Estimate, LayerEstimate, estimate_step
+from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas
+from ._estimate.layer_formulas import SavedItem, activation_formula
+from ._estimate.optimizer_rules import StateTensor, optimizer_rule
 from ._measure.step import OutOfMemory, StepFailed, measure_step, track
 from ._tools.advisor import BatchAdvice, advise_batch_size, max_batch_size
 from ._tools.contradiction import assert_matches_estimate, compare
 from ._tools.fuzz import FuzzFailure, FuzzResult, fuzz
 from ._tools.summary import summary
+from .hookspecs import hookimpl
 
 __all__ = [
     "BatchAdvice",
@@ -37,5 +40,12 @@ __all__ = [
     "measure_step",
     "parse_bytes",
     "track",
+    # extension points: hook implementations and the formula registries (docs/extending.md)
+    "SavedItem",
+    "StateTensor",
+    "activation_formula",
+    "hookimpl",
+    "optimizer_rule",
+    "register_formulas",
 ]
 __version__ = "0.1.0"

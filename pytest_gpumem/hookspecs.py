@@ -2,19 +2,42 @@
 
 Both hooks are "who can answer this?" questions (``firstresult=True``): the first implementation
 returning an int wins, ``None`` passes the question on, and an answer beats the built-in registry.
-Usable without pytest (``pytest_gpumem.estimate.plugin_manager``) and inside pytest (the plugin adds
+Usable without pytest (``pytest_gpumem.register_formulas``) and inside pytest (the plugin adds
 these specs to ``config.pluginmanager``, so a ``conftest.py`` can implement them).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pluggy
 
 PROJECT = "pytest_gpumem"
+F = TypeVar("F", bound=Callable[..., Any])
 
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
+_OWN_SPEC = pluggy.HookspecMarker(PROJECT)
+_OWN_IMPL = pluggy.HookimplMarker(PROJECT)
+#: pytest's PluginManager (project "pytest") reads only ``pytest_spec``/``pytest_impl`` marks; without them it
+#: registers a spec with its legacy defaults and ``firstresult`` is lost. These are the markers pytest.hookspec
+#: and pytest.hookimpl are, made here so that this module does not import pytest.
+_PYTEST_SPEC = pluggy.HookspecMarker("pytest")
+_PYTEST_IMPL = pluggy.HookimplMarker("pytest")
+
+
+def hookspec(**options: Any) -> Callable[[F], F]:
+    """Mark a hook specification for both managers: the estimate's own and pytest's (``config.hook``)."""
+    def mark(fn: F) -> F:
+        return _PYTEST_SPEC(**options)(_OWN_SPEC(**options)(fn))
+    return mark
+
+
+def hookimpl(function: F | None = None, **options: Any) -> Any:
+    """Mark a hook implementation (``tryfirst``, ``trylast``, ``wrapper``...) for both managers.
+
+    Usable bare (``@hookimpl``) or with options (``@hookimpl(tryfirst=True)``).
+    """
+    def mark(fn: F) -> F:
+        return _PYTEST_IMPL(**options)(_OWN_IMPL(**options)(fn))
+    return mark(function) if function is not None else mark
 
 
 @hookspec(firstresult=True)

@@ -31,8 +31,6 @@ def _optimizer_figures(optimizer, device: str, rnd, hooks,
             answer = None
             for h in hooks:
                 answer = h.pytest_gpumem_optimizer_state_bytes(optimizer=optimizer, param=p, device=device)
-                if isinstance(answer, list):
-                    answer = next((a for a in answer if a is not None), None)
                 if answer is not None:
                     break
             if answer is not None:

@@ -59,13 +59,10 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def _ask_hook(hook: Any, module, inputs, output, device: str) -> int | None:
-    """First non-None answer of the activation hook (pluggy returns a value or a list)."""
+    """The activation hook's answer: the first implementation's non-None int (firstresult), or None."""
     if hook is None:
         return None
-    answer = hook.pytest_gpumem_activation_bytes(module=module, inputs=inputs, output=output, device=device)
-    if isinstance(answer, list):
-        answer = next((a for a in answer if a is not None), None)
-    return answer
+    return hook.pytest_gpumem_activation_bytes(module=module, inputs=inputs, output=output, device=device)
 
 
 def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Callable | None = None,
