@@ -148,3 +148,16 @@ def test_invariants_hold_under_any_sequence(ops):
     assert model.allocated == 0
     for blocks in model._segments:
         assert len(blocks) == 1, "with everything freed each segment is one free block"
+
+
+def test_replay_allocations_with_and_without_the_allocator_model():
+    from pytest_gpumem._measure.allocator import replay_allocations
+
+    events = [(0, 512), (1, 2 * MiB), (0, -512), (1, -2 * MiB)]
+    # plain running sum: 512; 512 + 2 MiB; 2 MiB; 0 -- reserved is the same figure
+    assert list(replay_allocations(events)) == [(512, 512), (512 + 2 * MiB, 512 + 2 * MiB), (2 * MiB, 2 * MiB),
+                                                (0, 0)]
+    # the model: 512 B carves a 2 MiB small segment; 2 MiB (> 1 MiB) takes a 20 MiB large segment and, with
+    # 18 MiB left over (> 1 MiB), is split to exactly 2 MiB; segments stay reserved after the frees
+    assert list(replay_allocations(events, CachingAllocatorModel())) == [
+        (512, 2 * MiB), (512 + 2 * MiB, 22 * MiB), (2 * MiB, 22 * MiB), (0, 22 * MiB)]

@@ -108,6 +108,19 @@ def test_frees_after_close_are_not_recorded():
     assert list(tracker.allocation_events()) == [(0, 32)]
 
 
+def test_allocations_carry_their_step_and_phase():
+    from pytest_gpumem._measure.tracker import Allocation
+
+    with StorageTracker("cpu") as tracker:
+        tracker.start_phase(0, Phase.FORWARD)
+        x = torch.empty(10)          # 10 * 4 B = 40 B
+        tracker.start_phase(1, Phase.BACKWARD)
+        del x
+        y = torch.empty(100)         # 100 * 4 B = 400 B
+    assert list(tracker.allocations()) == [
+        Allocation(0, 40, 40, 0, Phase.FORWARD), Allocation(0, -40, -40, 1, Phase.BACKWARD),
+        Allocation(1, 400, 400, 1, Phase.BACKWARD)]
+    del y
 @given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=12))
 def test_rounding_surplus_is_reported_as_other(numels):
     with StorageTracker("cpu", round_allocation) as tracker:

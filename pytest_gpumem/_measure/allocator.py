@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 BLOCK = 512
 SMALL_REQUEST = 1 << 20          # requests up to this size use the small pool
@@ -138,11 +138,25 @@ class CachingAllocatorModel:
 
     def replay(self, events: Iterable[tuple[int, int]]) -> list[int]:
         """Apply (key, +size | -size) events; return the reserved bytes after each one."""
-        history = []
-        for key, delta in events:
-            if delta > 0:
-                self.malloc(key, delta)
-            elif delta < 0:
-                self.free(key)
-            history.append(self.reserved)
-        return history
+        return [reserved for _, reserved in replay_allocations(events, self)]
+
+
+def replay_allocations(events: Iterable[tuple[int, int]],
+                       model: CachingAllocatorModel | None = None) -> Iterator[tuple[int, int]]:
+    """(allocated, reserved) after each (key, +size | -size) event, in order.
+
+    With ``model`` the allocator's whole blocks and segments (a large block is not split when 1 MiB or
+    less would remain, so allocated can exceed the sum of the requests); without, the plain running sum
+    of the sizes, and reserved equals allocated. The one replay loop of the package (backends, advisor).
+    """
+    allocated = 0
+    for key, delta in events:
+        if model is None:
+            allocated += delta
+            yield allocated, allocated
+            continue
+        if delta > 0:
+            model.malloc(key, delta)
+        elif delta < 0:
+            model.free(key)
+        yield model.allocated, model.reserved

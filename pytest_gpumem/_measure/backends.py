@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from .allocator import CachingAllocatorModel, round_allocation
+from .allocator import CachingAllocatorModel, replay_allocations, round_allocation
 from .._core.categories import Category, Phase
 from .._core.results import PhaseStats
 from .tracker import Kernel, PhaseReplay, StorageTracker, no_rounding
@@ -191,16 +191,9 @@ class EmulatedBackend(Backend):
         1 MiB would remain, so allocated bytes can exceed the 512-B-rounded request; that surplus is
         ``other``, as on a real GPU.
         """
-        model = CachingAllocatorModel()
-        allocated_after: list[int] = []
-        reserved_after: list[int] = []
-        for key, delta in tracker.allocation_events():
-            if delta > 0:
-                model.malloc(key, delta)
-            elif delta < 0:
-                model.free(key)
-            allocated_after.append(model.allocated)
-            reserved_after.append(model.reserved)
+        after = list(replay_allocations(tracker.allocation_events(), CachingAllocatorModel()))
+        allocated_after = [allocated for allocated, _ in after]
+        reserved_after = [reserved for _, reserved in after]
         stats = []
         allocated_before = reserved_before = 0
         for r in replays:

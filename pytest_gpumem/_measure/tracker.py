@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from .._compat import TorchDispatchMode, tree_flatten
+
+from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
 from .._core.categories import CATEGORIES, Category, Phase
 
@@ -47,6 +48,17 @@ class _Event:
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """One allocation (size > 0) or free (size < 0) of a tracked storage, with the phase it happened in."""
+
+    key: int                   #: the storage's key (a resized storage keeps its key: a free, then an allocation)
+    size: int                  #: +bytes allocated / -bytes freed, rounded as the allocator hands them out
+    raw: int                   #: the same in the storage's own bytes
+    step: int                  #: the step it happened in (-1 before the first phase mark)
+    phase: Phase | None        #: the phase it happened in (None before the first phase mark)
+
+
+@dataclass(frozen=True)
 class PhaseReplay:
     """Replayed figures of one (step, phase)."""
 
@@ -75,7 +87,7 @@ class StorageTracker(TorchDispatchMode):
         self._shortcuts = shortcuts
         self._kernels: dict[Any, Kernel | None] = {}
         self._events: list[_Event] = []
-        self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # id(storage) -> (key, size, raw, ref)
+        self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # storage_key -> (key, size, raw, ref)
         self._next_key = 0
         self._marks: dict[int, Category] = {}
         self._closed = False
@@ -112,7 +124,7 @@ class StorageTracker(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. nested, functional)
             return None
-        ident = id(storage)
+        ident = storage_key(tensor)
         entry = self._live.get(ident)
         raw = storage.nbytes()
         if entry is not None:
@@ -166,7 +178,7 @@ class StorageTracker(TorchDispatchMode):
         """The key of ``tensor``'s storage if it is live and tracked."""
         if tensor.device.type != self.device_type:
             return None
-        entry = self._live.get(id(tensor.untyped_storage()))
+        entry = self._live.get(storage_key(tensor))
         return entry[0] if entry is not None else None
 
     def live_bytes(self) -> int:
@@ -181,32 +193,19 @@ class StorageTracker(TorchDispatchMode):
     def category_of(self, key: int) -> Category:
         return self._marks.get(key, Category.TEMPORARIES)
 
-    def allocation_log(self) -> Iterator[tuple[int, int, int]]:
-        """(key, +size | -size, +raw | -raw) of every allocation and free in order."""
+    def allocations(self) -> Iterator[Allocation]:
+        """Every allocation and free in order, each with its step and phase (the log's public view)."""
+        step, phase = -1, None
         for ev in self._events:
-            if ev.key >= 0:
-                yield ev.key, ev.delta, ev.raw
+            if ev.key < 0:
+                step, phase = ev.step, ev.phase
+            else:
+                yield Allocation(ev.key, ev.delta, ev.raw, step, phase)
 
     def allocation_events(self) -> Iterator[tuple[int, int]]:
         """(key, +size | -size) of every allocation and free in order, for allocator models."""
-        for key, delta, _raw in self.allocation_log():
-            yield key, delta
-
-    def phase_bounds(self) -> list[tuple[int, Phase, int, int]]:
-        """(step, phase, first allocation index, end index) in order, indices into allocation_events()."""
-        bounds: list[tuple[int, Phase, int, int]] = []
-        alloc_index = 0
-        current: tuple[int, Phase, int] | None = None
-        for ev in self._events:
-            if ev.key < 0:
-                if current is not None:
-                    bounds.append((current[0], current[1], current[2], alloc_index))
-                current = (ev.step, ev.phase, alloc_index)
-            else:
-                alloc_index += 1
-        if current is not None:
-            bounds.append((current[0], current[1], current[2], alloc_index))
-        return bounds
+        for event in self.allocations():
+            yield event.key, event.size
 
     def replay(self) -> list[PhaseReplay]:
         """Walk the log once: per (step, phase) the rounded peak, its raw category mix, and what remained."""

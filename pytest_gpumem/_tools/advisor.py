@@ -16,13 +16,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .._measure.allocator import CachingAllocatorModel
+from .._measure.allocator import CachingAllocatorModel, replay_allocations
 from .._core.units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from .._measure.tracker import StorageTracker
 
 __all__ = ["advise_batch_size", "max_batch_size", "BatchAdvice", "StepModel", "SizeFit", "Probe", "fit_size",
            "largest_fitting", "DEFAULT_PROBES"]
@@ -93,20 +96,17 @@ class BatchAdvice:
 
 # --------------------------------------------------------------------------- probes
 
-def _log_of(tracker) -> tuple[Op, ...]:
+def _log_of(tracker: StorageTracker) -> tuple[Op, ...]:
     """The tracker's allocations and frees as Ops, each allocation a new instance, labelled by phase."""
-    phase_of: list[str] = []
-    for step, phase, first, end in tracker.phase_bounds():
-        phase_of[first:end] = [f"{'first' if step == 0 else 'steady'}/{phase.value}"] * (end - first)
     current: dict[int, int] = {}   # storage key -> instance
     ops: list[Op] = []
-    for index, (key, _delta, raw) in enumerate(tracker.allocation_log()):
-        label = phase_of[index] if index < len(phase_of) else ""
-        if key not in current:  # a storage's events alternate: allocation, free, allocation (resize_), ...
-            current[key] = index
-            ops.append((index, label, raw))
+    for index, event in enumerate(tracker.allocations()):
+        label = "" if event.phase is None else f"{'first' if event.step == 0 else 'steady'}/{event.phase.value}"
+        if event.key not in current:  # a storage's events alternate: allocation, free, allocation (resize_), ...
+            current[event.key] = index
+            ops.append((index, label, event.raw))
         else:
-            ops.append((current.pop(key), label, None))
+            ops.append((current.pop(event.key), label, None))
     return tuple(ops)
 
 
@@ -174,22 +174,22 @@ class StepModel:
     def peak(self, batch_size: int) -> tuple[int, int, str, int]:
         """(peak bytes, its op index, phase, storages live then) of a step at ``batch_size``, by replay."""
         live: dict[int, int] = {}
-        allocator = CachingAllocatorModel() if self.whole_blocks else None
-        allocated = best = 0
+
+        def events() -> Iterator[tuple[int, int]]:
+            for instance, _, alloc in self.ops:
+                if alloc:
+                    live[instance] = self.rounding(self.sizes[instance].at(batch_size))
+                    yield instance, live[instance]
+                else:
+                    yield instance, -live.pop(instance)
+
+        best = 0
         where = (0, "", 0)
-        for index, (instance, phase, alloc) in enumerate(self.ops):
-            if alloc:
-                live[instance] = self.rounding(self.sizes[instance].at(batch_size))
-                if allocator is not None:
-                    allocator.malloc(instance, live[instance])
-                allocated = allocator.allocated if allocator is not None else allocated + live[instance]
-                if allocated > best:
-                    best, where = allocated, (index, phase, len(live))
-            else:
-                size = live.pop(instance)
-                if allocator is not None:
-                    allocator.free(instance)
-                allocated = allocator.allocated if allocator is not None else allocated - size
+        allocator = CachingAllocatorModel() if self.whole_blocks else None
+        for index, ((allocated, _), (_, phase, alloc)) in enumerate(zip(replay_allocations(events(), allocator),
+                                                                         self.ops)):
+            if alloc and allocated > best:
+                best, where = allocated, (index, phase, len(live))
         return (best, *where)
 
     def line_at(self, op_index: int) -> tuple[Fraction, Fraction]:
