@@ -109,7 +109,7 @@ stage cuda_tests 150 env GPUMEM_RECORD_RESULTS=1 "$PY" -m pytest tests/test_cuda
 
 # 4. the corpus (each configuration in its own process; 4 at once)
 if [[ $GPU == 1 ]]; then
-    stage corpus 300 "$PY" benchmarks/record_cuda_corpus.py --out "$CORPUS" --jobs 4 --timeout 90 --budget 220
+    stage corpus 300 "$PY" benchmarks/record_cuda_corpus.py --out "$CORPUS" --jobs 4 --timeout 90 --budget 200
 else
     skip corpus_cuda "no GPU"
     stage corpus_cpu_check 200 "$PY" benchmarks/record_cuda_corpus.py --device cpu --out "$CORPUS" --only mlp_sgd --jobs 1

@@ -59,8 +59,6 @@ class PhaseLog:
         torch, record = self.torch, {"step": step, "phase": name}
         if self.cuda:
             torch.cuda.synchronize()
-            if hasattr(torch.cuda.memory, "_set_memory_metadata"):
-                torch.cuda.memory._set_memory_metadata(f"{step}:{name}")
             record["start"] = _stats(torch)
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
