@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import corpus_configs  # noqa: E402
 import corpus_format  # noqa: E402
 import corpus_replay  # noqa: E402
+import record_cuda_corpus  # noqa: E402
 
 CORPUS = Path(os.environ.get("GPUMEM_CUDA_CORPUS", ROOT / "tests" / "data" / "cuda_corpus"))
 RECORDED = dict(corpus_replay.recorded(CORPUS))
@@ -83,6 +84,33 @@ def test_each_configuration_runs_on_the_emulated_backend(name):
 def test_unknown_configuration_names_the_known_ones():
     with pytest.raises(KeyError, match="no corpus configuration 'nope'; there are: mlp_sgd"):
         corpus_configs.get("nope")
+
+
+# -- the recorder, on the CPU -------------------------------------------------------------------------
+
+
+def test_recorder_runs_setup_batch_and_two_steps_in_order_on_the_cpu():
+    record = record_cuda_corpus.record_one("mlp_sgd", "cpu", "python", 100)
+    assert [(p["step"], p["phase"]) for p in record["phases"]] == [
+        (0, "setup"), (0, "batch"), (0, "forward"), (0, "backward"), (0, "optimizer"), (0, "zero_grad"),
+        (1, "forward"), (1, "backward"), (1, "optimizer"), (1, "zero_grad")]
+    assert record["format"] == corpus_format.FORMAT and record["device"] == "cpu"
+    assert "trace" not in record and "start" not in record["phases"][0]   # no CUDA figures are ever made up
+    assert record["settings"]["optimizer"] == "SGD(lr=0.01)"
+
+
+def test_recorder_never_writes_a_cpu_run_into_the_cuda_corpus(capsys):
+    with pytest.raises(SystemExit) as exc:
+        record_cuda_corpus.main(["--device", "cpu"])
+    assert exc.value.code == 2
+    assert "--device cpu never writes into" in capsys.readouterr().err
+
+
+def test_recorder_on_cuda_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="--device cuda needs a GPU: torch.cuda.is_available\\(\\) is False"):
+        record_cuda_corpus.record_one("mlp_sgd", "cuda", "all", 100)
 
 
 # -- the converter, on a snapshot shaped like torch 2.11's ----------------------------------------
