@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from pytest_gpumem.allocator import SMALL_REQUEST, SMALL_SEGMENT, CachingAllocatorModel, round_allocation
+from pytest_gpumem._measure.allocator import SMALL_REQUEST, SMALL_SEGMENT, CachingAllocatorModel, round_allocation
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE.parent / "tests" / "data" / "cuda_corpus"
@@ -202,8 +202,8 @@ def emulate(config: Any) -> Emulated:
     """Run ``config`` (a corpus_configs.CorpusConfig) on the emulated backend, as the recorder ran it."""
     from corpus_configs import seeded
     from pytest_gpumem import measure_step
-    from pytest_gpumem.backends import make_backend
-    from pytest_gpumem.emulation import EmulatedGradScaler
+    from pytest_gpumem._measure.backends import make_backend
+    from pytest_gpumem._emulation import EmulatedGradScaler
 
     backend = make_backend("emulated")
     model, (inputs, target) = seeded(config.model), seeded(config.batch)

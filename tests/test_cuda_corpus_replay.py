@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pytest_gpumem._measure.allocator import round_allocation
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -318,7 +320,7 @@ def test_misses_list_the_workspaces_the_emulation_lacks_by_kind():
     emulated = corpus_replay.emulate(corpus_configs.get("mlp_sgd"))
     # 1024x4096, 4096, 4096x4096, 4096, 4096x10, 10 fp32 parameters; 10 x 4 = 40 B rounds to 512
     params = [16 * MiB, 16384, 64 * MiB, 16384, 163840, 40]
-    assert sorted(emulated.allocations[(0, "setup")]) == sorted(map(corpus_format_round, params))
+    assert sorted(emulated.allocations[(0, "setup")]) == sorted(map(round_allocation, params))
     forward = emulated.allocations[(0, "forward")]
     dropped, kept = forward[0], forward[1:]
     origins = [{"kind": "tensor", "python": "", "native": ""},
@@ -335,12 +337,6 @@ def test_misses_list_the_workspaces_the_emulation_lacks_by_kind():
                                                           ("forward", MiB, "cublaslt_workspace")]
     assert corpus_replay.misses_by_kind(missed) == {"cublas_workspace": (1, 32 * MiB), "cublaslt_workspace": (1, MiB)}
     assert extra == {(0, "forward"): [dropped]}
-
-
-def corpus_format_round(nbytes):
-    from pytest_gpumem.allocator import round_allocation
-
-    return round_allocation(nbytes)
 
 
 # -- the recorded corpus (skips until a GPU session records one) ----------------------------------
