@@ -104,12 +104,14 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     after = max(made_by_model, default=-1)
     found: set[int] = set()
     todo = [t.grad_fn for t in _tensors(loss) if t.grad_fn is not None]
-    seen: set[int] = set()
+    # some torch releases (2.11) wrap a node anew on every next_functions access: keep each one visited
+    # alive, or a freed wrapper's id() is reused by the next and that node is taken as already seen
+    seen: dict[int, Any] = {}
     while todo:
         node = todo.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         if hasattr(node, "variable"):  # AccumulateGrad: a leaf parameter
             found.add(twin_of.get(id(node.variable), id(node.variable)))
         elif _compat.sequence_nr(node) > after:
