@@ -218,9 +218,10 @@ def emulate(config: Any) -> Emulated:
                               autocast_dtype=config.autocast,
                               scaler=EmulatedGradScaler("cuda") if config.scaler else None)
     tracker = backend.trackers[-1]
-    sizes = [delta for _key, delta in tracker.allocation_events()]
-    allocations = {(step, phase.value): [s for s in sizes[first:end] if s > 0]
-                   for step, phase, first, end in tracker.phase_bounds()}
+    allocations: dict[tuple[int, str], list[int]] = {(r.step, r.phase.value): [] for r in tracker.replay()}
+    for event in tracker.allocations():
+        if event.phase is not None and event.size > 0:
+            allocations.setdefault((event.step, event.phase.value), []).append(event.size)
     return Emulated(report, allocations)
 
 
