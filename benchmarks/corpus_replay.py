@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name}  ({record['environment'].get('gpu')}, torch {record['environment']['torch']})")
         print(f"allocator replay: {check.compared} events compared, allocated mismatches {check.allocated_mismatches}, "
               f"reserved mismatches {check.reserved_mismatches}; boundaries off {len(check.boundary_mismatches)}; "
-              f"trace problems {len(check.problems)}" + (f"\n  first: {check.first_mismatch}" if check.first_mismatch else ""))
+              f"trace problems {len(check.problems)}")
+        if check.first_mismatch:
+            print(f"  first: {check.first_mismatch}")
         emulated = emulate(corpus_configs.get(name))
         err = peak_error(record, emulated)
         errors.append(err)

@@ -76,7 +76,8 @@ def environment(torch: Any, cuda: bool) -> dict[str, Any]:
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
-        **{var: os.environ.get(var) for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "TORCH_SYMBOLIZE_MODE")},
+        **{var: os.environ.get(var)
+           for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "TORCH_SYMBOLIZE_MODE")},
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -135,7 +136,8 @@ def record_one(name: str, device: str, stacks: str, max_events: int) -> dict[str
     cfg = corpus_configs.get(name)
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda needs a GPU: torch.cuda.is_available() is False (use --device cpu for a dry run)")
+        raise RuntimeError("--device cuda needs a GPU: torch.cuda.is_available() is False "
+                           "(use --device cpu for a dry run)")
     if cuda:
         torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks=stacks,
                                                  max_entries=HISTORY_ENTRIES)
@@ -243,7 +245,8 @@ def write_index(out: Path, results: list[dict[str, Any]], device: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help=f"folder (default {CORPUS.relative_to(HERE.parent)}); with --one, the file")
+    parser.add_argument("--out", type=Path,
+                        help=f"folder (default {CORPUS.relative_to(HERE.parent)}); with --one, the file")
     parser.add_argument("--only", metavar="TEXT", help="record the configurations whose name contains TEXT")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run every step on the CPU to check the configurations (no stats, no trace)")

@@ -284,7 +284,8 @@ def test_our_allocator_model_reproduces_every_event_of_the_hand_built_trace():
 
 def test_a_trace_that_breaks_the_rules_is_flagged():
     bad = TRACE[:3] + [["alloc", S + 512, 100, 0, 0]]   # S + 512 lies inside the live block at S
-    assert corpus_replay.reconstruct(bad).problems == [f"event 3: alloc at {S + 512:#x} is not the start of a free block"]
+    problems = corpus_replay.reconstruct(bad).problems
+    assert problems == [f"event 3: alloc at {S + 512:#x} is not the start of a free block"]
 
 
 def _stats(current, peak, reserved):
