@@ -4,7 +4,8 @@ from __future__ import annotations
 from gpumem_factories import make_report
 from pytest_gpumem._core.categories import CATEGORIES, Category
 from pytest_gpumem._core.units import format_bytes
-from pytest_gpumem._reporting.tables import STEP_LEGEND, SummaryRow, render_table, step_table, summary_table
+from pytest_gpumem._core.text_table import render_table
+from pytest_gpumem._reporting.tables import STEP_LEGEND, SummaryRow, step_table, summary_table
 
 
 def _row(nodeid="t.py::test_a", **kw) -> SummaryRow:
@@ -18,6 +19,11 @@ def _row(nodeid="t.py::test_a", **kw) -> SummaryRow:
 def test_render_table_pads_columns_left_then_right():
     text = render_table(["name", "bytes"], [["a", "1"], ["longer", "1000"]])
     assert text.splitlines() == ["name    bytes", "------  -----", "a           1", "longer   1000"]
+
+
+def test_render_table_left_columns_and_blank_trailing_cells():
+    text = render_table(["", "n", ""], [["x", "1", "<-- differs"], ["yy", "22", ""]], left=(2,))
+    assert text.splitlines() == ["     n", "--  --  -----------", "x    1  <-- differs", "yy  22"]
 
 
 def test_step_table_shows_the_peak_step_and_marks_the_peak_phase():

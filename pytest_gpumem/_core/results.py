@@ -1,9 +1,8 @@
 """Result dataclasses of a measured step: per phase, per category, per step; with to_dict()/from_dict()."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
 
 from .categories import CATEGORIES, PHASES, Category, Phase
 from .units import format_bytes
@@ -106,7 +105,6 @@ class StepReport:
     cuda_version: str | None
     steps: tuple[StepMeasurement, ...]
     notes: tuple[str, ...] = ()   #: what the backend substituted or could not see, in words
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_step(self) -> StepMeasurement:
@@ -141,12 +139,15 @@ class StepReport:
             return "equal"
         return "first" if self.steps[0].peak > self.steps[-1].peak else "steady"
 
+    def step_phases(self) -> Iterator[tuple[StepMeasurement, PhaseStats]]:
+        """Every (step, phase figures) of the report, steps in order and phases in step order."""
+        for step in self.steps:
+            for stats in step.phases.values():
+                yield step, stats
+
     def category_peak(self, category: Category) -> int:
         """The most bytes ``category`` held at any phase peak of any step (for per-category budgets)."""
-        return max(
-            (ps.peak_split.get(category, 0) for s in self.steps for ps in s.phases.values()),
-            default=0,
-        )
+        return max((stats.peak_split.get(category, 0) for _, stats in self.step_phases()), default=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,7 +164,6 @@ class StepReport:
             "category_peaks": {c.value: self.category_peak(c) for c in CATEGORIES},
             "steps": [s.to_dict() for s in self.steps],
             "notes": list(self.notes),
-            **({"extra": self.extra} if self.extra else {}),
         }
 
     @classmethod
@@ -175,7 +175,6 @@ class StepReport:
             cuda_version=data.get("cuda_version"),
             steps=tuple(StepMeasurement.from_dict(s) for s in data["steps"]),
             notes=tuple(data.get("notes", ())),
-            extra=dict(data.get("extra", {})),
         )
 
     def table(self, *, verbose: bool = False) -> str:
@@ -190,7 +189,3 @@ class StepReport:
             f"of the {self.peak_step.label} step)"
         )
 
-
-def replace(obj, **changes):
-    """dataclasses.replace, re-exported for callers that adjust a report (e.g. adding notes)."""
-    return dataclasses.replace(obj, **changes)

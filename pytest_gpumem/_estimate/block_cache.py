@@ -141,10 +141,6 @@ class _Outputs(torch.autograd.Function):
         return None, None
 
 
-def _tensors_in(obj: Any) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
-
-
 class BlockCache:
     """Wraps the forward of every repeated module of a traced model with record-or-replay.
 
@@ -175,10 +171,6 @@ class BlockCache:
             if counts[sig] > 1:
                 self._module_sig[id(m)] = sig
                 self._wrap(m)
-
-    @property
-    def wrapped(self) -> int:
-        return len(self._module_sig)
 
     def restore(self) -> None:
         for undo in reversed(self._undo):

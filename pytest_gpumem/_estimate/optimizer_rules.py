@@ -244,13 +244,6 @@ _radam_temporaries = _loop_or_foreach(_radam_body, _radam_lists)
 _adadelta_temporaries = _loop_or_foreach(_adadelta_body, _adadelta_lists)
 
 
-def _generic_temporaries(group: Group, sizes: Sequence[int], foreach: bool) -> int:
-    """Optimizers without a rule of their own (approximate): one list in foreach, two params in the loop."""
-    if not sizes or group.get("fused"):
-        return 0
-    return sum(sizes) if foreach else 2 * max(sizes)
-
-
 # -- state ------------------------------------------------------------------------------------
 
 

@@ -13,11 +13,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from .._compat import running_backward, tree_flatten
+from .._compat import running_backward
 
 from .backends import Backend, make_backend
 from .._core.categories import PHASES, Category, Phase
 from .._core.step_calls import call_model, default_loss
+from .._core.tensors import tensors_in
 from .._core.results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
 from .twins import device_copies, model_device, model_twin, move_batch, optimizer_twin, swapped_in
@@ -35,11 +36,6 @@ class StepFailed(RuntimeError):
 
 class OutOfMemory(StepFailed):
     """The device ran out of memory during the step."""
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    flat, _ = tree_flatten(obj)
-    return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
@@ -151,12 +147,12 @@ class Session:
     def adopt_batch(self, batch: Any) -> None:
         """Mark batch tensors already on the device as batch (they were allocated before the step)."""
         device = self.backend.device
-        self.tracker.mark((t for t in _tensors(batch) if _same_device(t.device, device)), Category.BATCH)
+        self.tracker.mark((t for t in tensors_in(batch) if _same_device(t.device, device)), Category.BATCH)
 
     def place_batch(self, batch: Any) -> Any:
         """The batch on the backend's device, its storages marked as batch."""
         batch = move_batch(batch, self.backend.device)
-        self.batch_tensors = _tensors(batch)
+        self.batch_tensors = tensors_in(batch)
         self.tracker.mark(self.batch_tensors, Category.BATCH)
         return batch
 
@@ -353,7 +349,7 @@ def track(
                 undo.append(_wrap_zero_grad(optimizer, lambda: enter(Phase.ZERO_GRAD)))
             session.classify()
             if batch is not None:
-                session.batch_tensors = _tensors(batch)
+                session.batch_tensors = tensors_in(batch)
                 session.tracker.mark(session.batch_tensors, Category.BATCH)
             be.after_placement(session.tracker)
             session.phase(0, Phase.BATCH)

@@ -6,25 +6,13 @@ from typing import Sequence
 
 from .._core.categories import CATEGORIES, Category
 from .._core.results import StepMeasurement, StepReport
+from .._core.text_table import render_table
 from .._core.units import format_bytes
 
 _SHORT = {
     Category.PARAMS: "params", Category.GRADS: "grads", Category.OPTIMIZER: "optim", Category.BATCH: "batch",
     Category.ACTIVATIONS: "activ", Category.TEMPORARIES: "temps", Category.OTHER: "other",
 }
-
-
-def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, align_left: int = 1) -> str:
-    """Columns padded to their widest cell; the first ``align_left`` columns left-aligned, the rest right."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            str(c).ljust(w) if i < align_left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def _step_rows(step: StepMeasurement) -> list[list[str]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .._core.categories import Category
 from .._estimate import Estimate
 from .._core.results import StepReport
+from .._core.text_table import render_table
 from .._core.units import format_bytes, format_percent
 
 #: Categories with an estimated total to compare (temporaries and other are part of the peak only).
@@ -65,12 +66,11 @@ def compare(report: StepReport, estimate: Estimate, rtol: float = 0.05) -> Compa
     else:
         rows.append(Row("peak", est_tracked, got_tracked, _within(est_tracked, got_tracked, rtol)))
     ok = all(r.ok for r in rows)
-    lines = [f"estimate ({estimate.device}) vs measured ({report.backend}), rtol {rtol:.0%}:",
-             f"{'':13}{'estimated':>14}{'measured':>14}{'diff':>10}"]
-    for r in rows:
-        diff = format_percent(r.rel) if r.rel != float("inf") else "inf"
-        lines.append(f"{r.name:<13}{format_bytes(r.estimated):>14}{format_bytes(r.measured):>14}{diff:>10}"
-                     f"{'' if r.ok else '  <-- differs'}")
+    table = render_table(["", "estimated", "measured", "diff", ""], [
+        [r.name, format_bytes(r.estimated), format_bytes(r.measured),
+         format_percent(r.rel) if r.rel != float("inf") else "inf", "" if r.ok else "<-- differs"] for r in rows],
+        left=(4,))
+    lines = [f"estimate ({estimate.device}) vs measured ({report.backend}), rtol {rtol:.0%}:", table]
     lines.append(f"peak without 'other' (allocator rounding and workspaces); with it: estimated "
                  f"{format_bytes(estimate.peak)}, measured {format_bytes(report.peak)}")
     lines.append(f"peak phase: estimated {estimate.peak_phase.value}, measured {report.peak_phase.value}")

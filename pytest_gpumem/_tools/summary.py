@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from .._estimate import LayerEstimate, estimate_step
+from .._core.text_table import render_table
 from .._core.units import format_bytes
 
 
@@ -19,14 +20,8 @@ def summary(model: nn.Module, batch: Any, *, target: Any = None, loss_fn=None, d
             hook: Any = None) -> str:
     """A text table: layer (indented by depth), type, output shape, params, activation bytes, formula/traced."""
     rows = layer_rows(model, batch, target=target, loss_fn=loss_fn, device=device, hook=hook)
-    header = f"{'layer':<36}{'type':<24}{'output shape':<22}{'params':>12}{'activations':>14}  method"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        name = "  " * r.depth + r.name
-        shape = "x".join(map(str, r.output_shape)) if r.output_shape is not None else "-"
-        lines.append(f"{name[:35]:<36}{r.type[:23]:<24}{shape[:21]:<22}{r.params:>12,}"
-                     f"{format_bytes(r.activation_bytes):>14}  {r.method}")
-    lines.append("-" * len(header))
-    lines.append(f"total activations ({device}): {format_bytes(sum(r.activation_bytes for r in rows))}; "
-                 f"params: {sum(p.numel() for p in model.parameters()):,}")
-    return "\n".join(lines)
+    table = render_table(["layer", "type", "output shape", "params", "activations", "method"], [
+        ["  " * r.depth + r.name, r.type, "x".join(map(str, r.output_shape)) if r.output_shape is not None else "-",
+         f"{r.params:,}", format_bytes(r.activation_bytes), r.method] for r in rows], align_left=3, left=(5,))
+    return (f"{table}\ntotal activations ({device}): {format_bytes(sum(r.activation_bytes for r in rows))}; "
+            f"params: {sum(p.numel() for p in model.parameters()):,}")
