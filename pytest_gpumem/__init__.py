@@ -1,51 +1,62 @@
-"""pytest-gpumem: GPU memory budgets for PyTorch training steps, measured on CUDA or emulated on the CPU."""
+"""pytest-gpumem: GPU memory budgets for PyTorch training steps, measured on CUDA or emulated on the CPU.
+
+Names are imported on first use (PEP 562), so loading the pytest plugin in a run without GPU-memory
+tests imports neither torch nor hypothesis.
+"""
 from __future__ import annotations
 
-from . import strategies
-from ._core.categories import Category, Phase
-from ._core.results import PhaseStats, StepMeasurement, StepReport
-from ._core.units import format_bytes, parse_bytes
-from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas
-from ._estimate.layer_formulas import SavedItem, activation_formula
-from ._estimate.optimizer_rules import StateTensor, optimizer_rule
-from ._measure.step import OutOfMemory, StepFailed, measure_step, track
-from ._tools.advisor import BatchAdvice, advise_batch_size, max_batch_size
-from ._tools.contradiction import assert_matches_estimate, compare
-from ._tools.fuzz import FuzzFailure, FuzzResult, fuzz
-from ._tools.summary import summary
-from .hookspecs import hookimpl
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "BatchAdvice",
-    "FuzzFailure",
-    "FuzzResult",
-    "advise_batch_size",
-    "fuzz",
-    "max_batch_size",
-    "strategies",
-    "Category",
-    "Estimate",
-    "LayerEstimate",
-    "assert_matches_estimate",
-    "compare",
-    "estimate_step",
-    "summary",
-    "OutOfMemory",
-    "Phase",
-    "PhaseStats",
-    "StepFailed",
-    "StepMeasurement",
-    "StepReport",
-    "format_bytes",
-    "measure_step",
-    "parse_bytes",
-    "track",
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "BatchAdvice": "_tools.advisor", "advise_batch_size": "_tools.advisor", "max_batch_size": "_tools.advisor",
+    "Category": "_core.categories", "Phase": "_core.categories",
+    "assert_matches_estimate": "_tools.contradiction", "compare": "_tools.contradiction",
+    "Estimate": "_estimate", "LayerEstimate": "_estimate", "estimate_step": "_estimate",
+    "FuzzFailure": "_tools.fuzz", "FuzzResult": "_tools.fuzz", "fuzz": "_tools.fuzz",
+    "PhaseStats": "_core.results", "StepMeasurement": "_core.results", "StepReport": "_core.results",
+    "OutOfMemory": "_measure.step", "StepFailed": "_measure.step", "measure_step": "_measure.step",
+    "track": "_measure.step",
+    "summary": "_tools.summary",
+    "format_bytes": "_core.units", "parse_bytes": "_core.units",
     # extension points: hook implementations and the formula registries (docs/extending.md)
-    "SavedItem",
-    "StateTensor",
-    "activation_formula",
-    "hookimpl",
-    "optimizer_rule",
-    "register_formulas",
-]
+    "SavedItem": "_estimate.layer_formulas", "activation_formula": "_estimate.layer_formulas",
+    "StateTensor": "_estimate.optimizer_rules", "optimizer_rule": "_estimate.optimizer_rules",
+    "register_formulas": "_estimate", "hookimpl": "hookspecs",
+}
+_MODULES = ("strategies",)
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from . import strategies  # noqa: F401
+    from ._core.categories import Category, Phase  # noqa: F401
+    from ._core.results import PhaseStats, StepMeasurement, StepReport  # noqa: F401
+    from ._core.units import format_bytes, parse_bytes  # noqa: F401
+    from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas  # noqa: F401
+    from ._estimate.layer_formulas import SavedItem, activation_formula  # noqa: F401
+    from ._estimate.optimizer_rules import StateTensor, optimizer_rule  # noqa: F401
+    from ._measure.step import OutOfMemory, StepFailed, measure_step, track  # noqa: F401
+    from ._tools.advisor import BatchAdvice, advise_batch_size, max_batch_size  # noqa: F401
+    from ._tools.contradiction import assert_matches_estimate, compare  # noqa: F401
+    from ._tools.fuzz import FuzzFailure, FuzzResult, fuzz  # noqa: F401
+    from ._tools.summary import summary  # noqa: F401
+    from .hookspecs import hookimpl  # noqa: F401

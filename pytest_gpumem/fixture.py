@@ -1,19 +1,24 @@
-"""The ``gpumem`` fixture: where to build tensors, and ways to measure a training step under the test's budget."""
+"""The ``gpumem`` fixture's object: where to build tensors, and ways to measure a training step.
+
+Imported only when a test asks for the fixture, so a run without GPU-memory tests never imports torch
+through this plugin. What a test measured goes into its ``TestState``; the plugin judges it.
+"""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
-from typing import TYPE_CHECKING, Iterator
+import traceback
+from typing import Any, Iterator
 
 import pytest
 import torch
 
+from ._core.categories import estimate_device
+from ._core.records import TestState
 from ._core.results import StepReport
 from ._measure.backends import Backend, cuda_device_for_worker, make_backend
-from ._measure.step import measure_step, track
-
-if TYPE_CHECKING:
-    from .plugin import Manager
+from ._measure.step import OutOfMemory, StepFailed, measure_step, track
 
 #: measure_step options that change what the step does, so the estimate must be told them too
 _SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
@@ -22,17 +27,18 @@ _SHARED_STEP_OPTIONS = ("steps", "set_to_none", "autocast_dtype", "scaler")
 class GpuMem:
     """The ``gpumem`` fixture: where to build tensors, and ways to measure a training step."""
 
-    def __init__(self, manager: Manager, item: pytest.Item) -> None:
+    def __init__(self, manager: Any, item: pytest.Item, state: TestState) -> None:
         self._manager = manager
         self._item = item
-        self._state = manager.state_for(item)
-        if self._state.backend_name == "cuda" and not torch.cuda.is_available():
+        self._state = state
+        state.used_fixture = True
+        if state.backend_name == "cuda" and not torch.cuda.is_available():
             pytest.skip("gpu_budget(backend='cuda') needs a GPU; torch.cuda.is_available() is False here")
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
-        self._backend_factory = lambda: make_backend(self._state.backend_name, cuda_device=cuda_device)
+        self._backend_factory = lambda: make_backend(state.backend_name, cuda_device=cuda_device)
         probe = self._backend_factory()
         #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
         self.device: torch.device = probe.device
@@ -49,6 +55,7 @@ class GpuMem:
 
     def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
         """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
+        __tracebackhide__ = True
         estimate = self._estimate(model, optimizer, batch, loss_fn, target, kwargs)
         backend = self._backend()
         try:
@@ -72,10 +79,9 @@ class GpuMem:
             return None
         from ._estimate import estimate_step
 
-        device = "cpu" if self.backend == "cpu" else "cuda"
         try:
-            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target, device=device,
-                                 hook=self._item.config.hook,
+            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target,
+                                 device=estimate_device(self.backend), hook=self._item.config.hook,
                                  **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
         except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
             self._item.add_report_section(
@@ -86,6 +92,7 @@ class GpuMem:
     @contextlib.contextmanager
     def track(self, model=None, optimizer=None, batch=None):
         """Measure a hand-written loop: ``with gpumem.track(model=m, optimizer=o, batch=x): ...``."""
+        __tracebackhide__ = True
         backend = self._backend()
         handle = None
         try:
@@ -97,7 +104,7 @@ class GpuMem:
                 self._state.reports.append(handle.report)
 
     def fuzz(self, *args, **kwargs):
-        """Property-check the user's model family with hypothesis (see ``pytest_gpumem.fuzz.fuzz``)."""
+        """Property-check the user's model family with hypothesis (see ``pytest_gpumem._tools.fuzz.fuzz``)."""
         from ._tools.fuzz import fuzz
 
         kwargs.setdefault("backend", self.backend)
@@ -121,13 +128,37 @@ class GpuMem:
         """Per-layer table: output shape, params, activation bytes, formula or traced."""
         from ._tools.summary import summary
 
-        kwargs.setdefault("device", "cpu" if self.backend == "cpu" else "cuda")
+        kwargs.setdefault("device", estimate_device(self.backend))
         return summary(model, batch, **kwargs)
 
 
-@pytest.fixture
-def gpumem(request: pytest.FixtureRequest) -> Iterator[GpuMem]:
-    """Measure training steps of this test against its gpu_budget (see GpuMem)."""
-    manager: Manager = request.config.pluginmanager.get_plugin("gpumem-manager")
-    handle = GpuMem(manager, request.node)
-    yield handle
+def absorb_failure(error: BaseException | None, state: TestState) -> str | None:
+    """Keep a failed step's partial report; for an out-of-memory error, free its frames and return the sentence."""
+    if isinstance(error, StepFailed) and error.partial is not None:
+        state.reports.append(error.partial)
+    # train_step wraps an OOM in OutOfMemory; inside gpumem.track() the user's loop raises torch's own
+    if not isinstance(error, (OutOfMemory, torch.cuda.OutOfMemoryError)):
+        return None
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = "" if isinstance(error, OutOfMemory) else "CUDA out of memory inside gpumem.track(): "
+    _release_frames(error)  # drop the step's tensors so the next test starts clean
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return f"gpu_budget: {where}{first_line}"
+
+
+def live_bytes(state: TestState) -> int:
+    """Bytes measured in the test that are still allocated now (after a collection)."""
+    gc.collect()
+    return sum(t.live_bytes() for t in state.trackers)
+
+
+def _release_frames(exc: BaseException | None) -> None:
+    """Clear the locals of every frame in ``exc``'s traceback and those of its causes and contexts."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

@@ -1,68 +1,42 @@
-"""pytest glue only: options, the gpu_budget marker, report hooks, xdist (the fixture is in fixture.py).
+"""pytest glue only: options, the gpu_budget marker, the gpumem fixture, report hooks, xdist.
 
-Nothing here measures: the fixture calls the step runner, ``budget`` checks, ``report`` renders.
-One ``Manager`` per run holds the results keyed by test nodeid; workers send theirs to the xdist
-controller on the test report (``report.gpumem``), so both print the same table.
+Nothing here measures: the fixture (``fixture.py``, imported only when a test asks for it) calls the
+step runner, ``budget`` checks, ``report`` renders. One ``Manager`` per run holds the records keyed by
+test nodeid; workers send theirs to the xdist controller on the test report (``report.gpumem``), so
+both print the same table. This module imports no torch: a run without GPU-memory tests pays nothing.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
-import torch
 
+from . import _options as options
 from ._core import budget as budgets
-from ._core.categories import CATEGORIES
-from ._core.results import StepReport
-from ._core.units import format_bytes, parse_bytes
-from ._measure.backends import BACKENDS
-from ._measure.step import OutOfMemory, StepFailed
-from ._reporting.tables import SummaryRow, summary_table
-from .fixture import GpuMem, gpumem  # noqa: F401  (the fixture, registered with this plugin)
+from ._core.budget import MARKER
+from ._core.categories import BACKENDS
 
-MARKER = "gpu_budget"
-#: measurement and estimate must agree within this fraction unless a test or the ini says otherwise
-DEFAULT_RTOL = "0.05"
+if TYPE_CHECKING:
+    from ._core.records import TestRecord, TestState
+    from ._reporting.gating import GatingPlugin
+
+#: options that need the CI-gating part (baselines, JSON, HTML, snapshots); without them it is not imported
+_GATING_OPTIONS = ("json", "save_baseline", "baseline", "html", "snapshot", "fail_regression")
+_GATING_FLAGS = ("allow_baseline_mismatch", "fail_missing")
+
 _STATE = pytest.StashKey["TestState"]()
+_BUG = "this is a bug in pytest-gpumem, not in the test; please report it with the 'gpumem internal error' section"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("gpumem", "GPU memory budgets (pytest-gpumem)")
-    group.addoption("--gpumem-report", action="store_true", default=None,
-                    help="print a table of measured tests: budget, peak, headroom, split by category (-v: per phase)")
-    group.addoption("--gpumem-backend", default=None, choices=BACKENDS,
-                    help="where bytes come from: auto (cuda if a GPU is present, else emulated), cuda, cpu, emulated")
-    group.addoption("--gpumem-default-budget", default=None, metavar="SIZE",
-                    help="budget for tests that use the gpumem fixture without a gpu_budget marker, e.g. 2GiB")
-    group.addoption("--gpumem-rtol", default=None, metavar="FRACTION",
-                    help="fail a measured test whose peak or any category differs from the analytical estimate by "
-                         "more than this fraction (default 0.05); 'off' disables the check")
-    parser.addini("gpumem_report", type="bool", default=False, help="same as --gpumem-report")
-    parser.addini("gpumem_backend", default="auto", help="same as --gpumem-backend")
-    parser.addini("gpumem_default_budget", default="", help="same as --gpumem-default-budget")
-    parser.addini("gpumem_rtol", default=DEFAULT_RTOL, help="same as --gpumem-rtol (default 0.05)")
-    with contextlib.suppress(ImportError):
-        from ._reporting.gating import add_gating_options
-
-        add_gating_options(parser)
+    options.add_options(parser)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    with contextlib.suppress(ImportError):
-        from . import hookspecs
+    from . import hookspecs
 
-        pluginmanager.add_hookspecs(hookspecs)
-
-
-def _option(config: pytest.Config, name: str) -> Any:
-    """CLI value when given, else the ini value (CLI defaults are None so ini options are honoured)."""
-    value = config.getoption(f"--gpumem-{name.replace('_', '-')}")
-    return value if value is not None else config.getini(f"gpumem_{name}")
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,271 +48,196 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Manager(config), "gpumem-manager")
 
 
-@dataclass
-class TestState:
-    """What one test measured, kept on the item until its report is made."""
-
-    budget: budgets.Budget | None
-    backend_name: str
-    reports: list[StepReport] = field(default_factory=list)
-    estimates: dict[int, Any] = field(default_factory=dict)  #: index in ``reports`` -> its estimate
-    trackers: list[Any] = field(default_factory=list)
-    max_batch: int | None = None
-
-
 class Manager:
     """Per-run state and every pytest hook of the plugin."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.records: dict[str, dict[str, Any]] = {}
-        self.backend_name = str(_option(config, "backend") or "auto")
+        self.records: dict[str, "TestRecord"] = {}
+        self.plugin_errors: dict[str, str] = {}  #: nodeid -> what went wrong inside the plugin
+        self.backend_name = (options.text(config, "backend") or "auto").strip().lower()
         if self.backend_name not in BACKENDS:
-            raise pytest.UsageError(f"gpumem_backend = {self.backend_name!r}: expected one of {', '.join(BACKENDS)}")
-        default = _option(config, "default_budget") or None
-        try:
-            self.default_budget = budgets.Budget(total=parse_bytes(default)) if default else None
-        except ValueError as exc:
-            raise pytest.UsageError(f"--gpumem-default-budget / gpumem_default_budget: {exc}") from None
-        self.rtol = _parse_rtol(_option(config, "rtol"))
-        self.report_enabled = bool(_option(config, "report"))
-        self.gating = None
-        with contextlib.suppress(ImportError):
+            raise pytest.UsageError(f"{options.source(config, 'backend')} = {self.backend_name!r}: expected one of "
+                                    f"{', '.join(BACKENDS)}")
+        self.default_budget = _default_budget(config)
+        self.rtol = _rtol(config)
+        self.report_wide = options.flag(config, "report_wide")
+        self.report_enabled = options.flag(config, "report") or self.report_wide
+        #: the CI-gating part, only when one of its options is given (imported only then)
+        self.gating: "GatingPlugin | None" = None
+        if any(options.text(config, n) is not None for n in _GATING_OPTIONS) or any(
+                options.flag(config, n) for n in _GATING_FLAGS):
             from ._reporting.gating import GatingPlugin
 
             self.gating = GatingPlugin(config)
 
-    # -- collection --------------------------------------------------------------------------
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """Bad gpu_budget arguments become collection errors naming the test and the value.
+    # -- the marker --------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """A bad gpu_budget marker errors its own test (like skipif or timeout); the rest of the run goes on."""
+        if item.get_closest_marker(MARKER) is None:
+            return
+        try:
+            self.state_for(item)
+            return
+        except budgets.BudgetError as exc:
+            message = f"{item.nodeid}: invalid {MARKER} marker: {exc}"
+        pytest.fail(message, pytrace=False)  # outside the except: no "during handling" chain in the report
 
-        A collection error (rather than a UsageError) also works inside xdist workers, and stops the
-        run the way ``--strict-markers`` does.
-        """
-        keep = []
-        for item in items:
-            marker = item.get_closest_marker(MARKER)
-            try:
-                if marker is not None:
-                    budgets.budget_from_marker(marker.args, marker.kwargs)
-            except budgets.BudgetError as exc:
-                report = pytest.CollectReport(
-                    item.nodeid, "failed", f"{item.nodeid}: invalid {MARKER} marker: {exc}", []
-                )
-                self.config.hook.pytest_collectreport(report=report)
-                continue
-            keep.append(item)
-        items[:] = keep
-
-    def state_for(self, item: pytest.Item) -> TestState:
+    def state_for(self, item: pytest.Item) -> "TestState":
+        """The test's state, created on first use from its marker (nearest wins) or the default budget."""
         state = item.stash.get(_STATE, None)
         if state is None:
+            own = [m for m in item.iter_markers(MARKER) if m in item.own_markers]
+            if len(own) > 1:
+                raise budgets.BudgetError(
+                    f"given {len(own)} times on this test (stacked decorators, or a decorator plus pytest.param "
+                    f"marks); give it once (a class or module marker is overridden by the test's own)")
             marker = item.get_closest_marker(MARKER)
             budget = budgets.budget_from_marker(marker.args, marker.kwargs) if marker else self.default_budget
             backend = (budget.backend if budget and budget.backend else None) or self.backend_name
-            state = TestState(budget, backend)
+            from ._core.records import TestState
+
+            state = TestState(budget, backend, budget_from_marker=marker is not None)
             item.stash[_STATE] = state
         return state
 
-    # -- running -----------------------------------------------------------------------------
+    def rtol_for(self, state: "TestState") -> float | None:
+        """The marker's rtol, else --gpumem-rtol / gpumem_rtol; None when the check is off."""
+        rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
+        return None if rtol is False else rtol
+
+    # -- judging -----------------------------------------------------------------------------
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
         outcome = yield
         report = outcome.get_result()
         state = item.stash.get(_STATE, None)
-        marker = item.get_closest_marker(MARKER)
-        if state is None and marker is not None and report.when == "call":
-            state = self.state_for(item)
+        if state is None and report.when == "call" and item.get_closest_marker(MARKER) is not None:
+            state = self._state_or_none(item)
         if state is None:
             return
         try:
+            from ._judge import judge_call, judge_leak
+
             if report.when == "call":
-                self._judge(item, call, report, state)
+                judge_call(self, item, call, report, state)
             elif report.when == "teardown":
-                self._judge_leak(report, state)
-        except Exception:  # a bug here must never hide the user's own result
-            report.sections.append(("gpumem internal error", traceback.format_exc()))
+                judge_leak(report, state)
+        except Exception as exc:  # the plugin's own failure: the test's error, never a pass, never hiding its result
+            self._plugin_error(item, report, exc)
 
-    def _judge(self, item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport, state: TestState) -> None:
-        verbose = self.config.getoption("verbose") > 0
-        failures: list[str] = []
-        excinfo = call.excinfo
-        error = excinfo.value if excinfo is not None else None
-        if isinstance(error, StepFailed) and error.partial is not None:
-            state.reports.append(error.partial)
-        # train_step wraps an OOM in OutOfMemory; inside gpumem.track() the user's loop raises torch's own
-        out_of_memory = isinstance(error, (OutOfMemory, torch.cuda.OutOfMemoryError))
-        if out_of_memory:
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            where = "" if isinstance(error, OutOfMemory) else "CUDA out of memory inside gpumem.track(): "
-            failures.append(f"gpu_budget: {where}{first_line}")
-            _release_frames(error)  # drop the step's tensors so the next test starts clean
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    def _state_or_none(self, item: pytest.Item) -> "TestState | None":
+        try:
+            return self.state_for(item)
+        except budgets.BudgetError:
+            return None  # reported at setup already
+
+    def _plugin_error(self, item: pytest.Item, report: pytest.TestReport, exc: Exception) -> None:
+        message = f"pytest-gpumem internal error while checking this test: {type(exc).__name__}: {exc}"
+        report.sections.append(("gpumem internal error", traceback.format_exc()))
+        report.gpumem_error = message
         if report.passed:
-            if state.budget is not None and not state.budget.is_empty and not state.reports:
-                failures.append(
-                    f"{MARKER} is set but the test measured nothing: call gpumem.train_step(model, optimizer, batch) "
-                    "or run the step inside `with gpumem.track(...)` so there is something to check"
-                )
-            for step_report in state.reports:
-                if state.budget is not None:
-                    try:
-                        failures.extend(o.sentence for o in budgets.check_budget(step_report, state.budget))
-                    except budgets.BudgetError as exc:
-                        failures.append(f"{MARKER}: {exc}")
-            failures.extend(self._contradictions(state))
-        record = self._record(item, state, report)
-        if report.passed and self.gating is not None and record is not None:
-            sentence = self.gating.check(item.nodeid, record)
-            if sentence:
-                failures.append(sentence)
-        if state.reports:
-            peak_report = max(state.reports, key=lambda r: r.peak)
-            report.sections.append(("gpumem", peak_report.table(verbose=verbose)))
-        if failures and (report.passed or out_of_memory):
             report.outcome = "failed"
-            report.longrepr = "\n".join(failures)
-        if record is not None:
-            record["outcome"] = report.outcome
-            report.gpumem = record  # travels to the xdist controller with the report
-            properties = _junit_properties(record)
-            report.user_properties.extend(properties)
-            # junitxml writes the properties of the *teardown* report, which copies item.user_properties
-            # (the call report holds its own copy, so extending only it never reached the XML)
-            item.user_properties.extend(properties)
+            report.longrepr = f"{message}\n({_BUG})"
+        from ._core.records import TestRecord
 
-    def rtol_for(self, state: TestState) -> float | None:
-        """The marker's rtol, else --gpumem-rtol / gpumem_rtol; None when the check is off."""
-        rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
-        return None if rtol is False else rtol
-
-    def _contradictions(self, state: TestState) -> list[str]:
-        rtol = self.rtol_for(state)
-        if rtol is None:
-            return []
-        from ._tools.contradiction import compare
-
-        out = []
-        for index, estimate in sorted(state.estimates.items()):
-            result = compare(state.reports[index], estimate, rtol)
-            if not result.ok:
-                out.append(f"gpumem: the measurement contradicts the estimate (rtol {rtol:g}; pass rtol=False "
-                           f"to gpu_budget to skip this check)\n{result.message}")
-        return out
-
-    def _record(self, item: pytest.Item, state: TestState, report: pytest.TestReport) -> dict[str, Any] | None:
-        if not state.reports:
-            return None
-        peak_report = max(state.reports, key=lambda r: r.peak)
-        estimate = state.estimates.get(state.reports.index(peak_report))
-        # plain JSON types only: the record travels to the xdist controller through execnet, which refuses
-        # str subclasses such as torch.__version__ (TorchVersion) and crashes the worker
-        return _plain({
-            "nodeid": item.nodeid,
-            "outcome": report.outcome,
-            "budget": state.budget.to_dict() if state.budget is not None else None,
-            "report": peak_report.to_dict(),
-            "estimate": estimate.to_dict() if estimate is not None and hasattr(estimate, "to_dict") else None,
-            "max_batch": state.max_batch,
-            "measurements": len(state.reports),
-        })
-
-    def _judge_leak(self, report: pytest.TestReport, state: TestState) -> None:
-        if not state.trackers:
-            return
-        gc.collect()
-        leaked = sum(t.live_bytes() for t in state.trackers)
-        report.gpumem_leak = leaked
-        if leaked:
-            report.sections.append(("gpumem leak", f"{format_bytes(leaked)} of memory measured in this test is still allocated after it ended"))
-        limit = state.budget.leak if state.budget is not None else None
-        if limit is not None and leaked > limit and report.passed:
-            report.outcome = "failed"
-            report.longrepr = (
-                f"gpu_budget leak={format_bytes(limit)} exceeded: {format_bytes(leaked)} measured in the test is still "
-                "allocated after it ended (something keeps a reference to the model, optimizer, batch or outputs)"
-            )
+        record = TestRecord(item.nodeid, outcome=report.outcome, plugin_error=message)
+        if report.when == "call" and getattr(report, "gpumem", None) is None:
+            report.gpumem = record.to_dict()  # the test stays in the report, with its error
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        record = getattr(report, "gpumem", None)
-        if record is not None and report.when == "call":
-            self.records[report.nodeid] = dict(record)
+        data = getattr(report, "gpumem", None)
+        if data is not None and report.when == "call":
+            from ._core.records import TestRecord
+
+            self.records[report.nodeid] = TestRecord.from_dict(data)
+        record = self.records.get(report.nodeid)
         leak = getattr(report, "gpumem_leak", None)
-        if leak is not None and report.nodeid in self.records:
-            self.records[report.nodeid]["leak_bytes"] = leak
+        if leak is not None and record is not None:
+            record = record.with_changes(leak_bytes=leak, outcome="failed" if report.failed else record.outcome)
+        error = getattr(report, "gpumem_error", None)
+        if error is not None:
+            self.plugin_errors[report.nodeid] = error
+            if record is not None and record.plugin_error is None:
+                record = record.with_changes(plugin_error=error)
+        if record is not None:
+            self.records[report.nodeid] = record
 
     # -- end of session ----------------------------------------------------------------------
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.gating is not None:
-            self.gating.finish(self.records)
-
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config: pytest.Config) -> None:
-        if self.gating is not None:
-            for warning in self.gating.warnings():
-                terminalreporter.write_line(f"gpumem warning: {warning}", yellow=True)
-        if not self.report_enabled:
+        if self.gating is None:
             return
+        self.gating.finish(self.records)
+        if self.gating.errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        from ._core.units import format_bytes
+
+        for warning in self.gating.warnings() if self.gating is not None else ():
+            terminalreporter.write_line(f"gpumem warning: {warning}", yellow=True)
+        for nodeid, record in sorted(self.records.items()):
+            limit = record.budget.leak if record.budget is not None else None
+            if record.leak_bytes and limit is None:
+                terminalreporter.write_line(
+                    f"gpumem warning: {nodeid} left {format_bytes(record.leak_bytes)} of measured memory allocated "
+                    f"after it ended (gpu_budget(leak='0B') makes this a failure)", yellow=True)
+        for line in self.gating.errors if self.gating is not None else ():
+            terminalreporter.write_line(f"gpumem error: {line}", red=True)
+        if self.plugin_errors:
+            terminalreporter.section("gpumem internal errors", red=True)
+            for nodeid, message in sorted(self.plugin_errors.items()):
+                terminalreporter.write_line(f"{nodeid}: {message}")
+            terminalreporter.write_line(_BUG)
+        if self.report_enabled:
+            self._report_table(terminalreporter, config)
+
+    def _report_table(self, terminalreporter: Any, config: pytest.Config) -> None:
         terminalreporter.section("gpumem report")
-        if not self.records:
+        measured = {k: r for k, r in self.records.items() if r.report is not None}
+        if not measured:
             terminalreporter.write_line(
                 "no test measured GPU memory (use the gpumem fixture: gpumem.train_step(...) or gpumem.track(...))"
             )
             return
-        verbose = config.getoption("verbose") > 0
+        from ._reporting.tables import SummaryRow, summary_table
+
+        wide = self.report_wide or config.getoption("verbose") > 0
         rows, phases = [], {}
-        for nodeid in sorted(self.records):
-            rows.append(_summary_row(self.records[nodeid]))
-            if verbose:
-                rep = StepReport.from_dict(self.records[nodeid]["report"])
-                phases[nodeid] = [
-                    (f"{s.label}/{p.phase.value}", p.peak) for s in rep.steps for p in s.phases.values()
-                ]
-        terminalreporter.write_line(summary_table(rows, phases=phases))
+        for nodeid in sorted(measured):
+            record = measured[nodeid]
+            rows.append(SummaryRow.from_record(record))
+            if wide and record.report is not None:
+                phases[nodeid] = [(f"{s.label}/{p.phase.value}", p.peak)
+                                  for s in record.report.steps for p in s.phases.values()]
+        terminalreporter.write_line(summary_table(rows, phases=phases, wide=wide))
 
 
-def _plain(data: Any) -> Any:
-    """``data`` as plain JSON types (str subclasses -> str, tuples -> lists), safe for execnet and JSON."""
-    return json.loads(json.dumps(data, default=str))
+def _default_budget(config: pytest.Config) -> budgets.Budget | None:
+    """--gpumem-default-budget / gpumem_default_budget as a Budget; UsageError naming the option when bad."""
+    value = options.text(config, "default_budget")
+    if value is None:
+        return None
+    try:
+        return budgets.Budget(total=budgets.parse_size(value))
+    except budgets.BudgetError as exc:
+        raise pytest.UsageError(f"{options.source(config, 'default_budget')}={value!r}: {exc}") from None
 
 
-def _release_frames(exc: BaseException | None) -> None:
-    """Clear the locals of every frame in ``exc``'s traceback and those of its causes and contexts."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
-
-
-def _summary_row(record: dict[str, Any]) -> SummaryRow:
-    rep = StepReport.from_dict(record["report"])
-    budget = record.get("budget") or {}
-    total = budget.get("total_bytes")
-    head = budgets.headroom(rep, budgets.Budget(total=total, kind=budget.get("kind") or "allocated"))
-    return SummaryRow(
-        nodeid=record["nodeid"], backend=rep.backend, budget=total, peak=rep.peak, headroom=head,
-        peak_phase=rep.peak_phase.value, split=rep.peak_split, max_batch=record.get("max_batch"),
-        status="FAILED" if record.get("outcome") == "failed" else "ok", kind=budget.get("kind") or "allocated",
-    )
-
-
-def _junit_properties(record: dict[str, Any]) -> list[tuple[str, Any]]:
-    rep = record["report"]
-    props = [("gpumem_peak_bytes", rep["peak_bytes"]), ("gpumem_backend", rep["backend"]),
-             ("gpumem_peak_phase", rep["peak_phase"])]
-    props += [(f"gpumem_{c.value}_bytes", rep["peak_split"][c.value]) for c in CATEGORIES]
-    if rep.get("reserved_peak_bytes") is not None:
-        props.append(("gpumem_reserved_peak_bytes", rep["reserved_peak_bytes"]))
-    if record.get("budget") and record["budget"].get("total_bytes") is not None:
-        props.append(("gpumem_budget_bytes", record["budget"]["total_bytes"]))
-    return props
-
-
-def _parse_rtol(value: Any) -> float | None:
+def _rtol(config: pytest.Config) -> float | None:
+    value = options.text(config, "rtol")
     try:
         return budgets.parse_rtol(value)
     except budgets.BudgetError as exc:
-        raise pytest.UsageError(f"--gpumem-rtol / gpumem_rtol: {exc}") from None
+        raise pytest.UsageError(f"{options.source(config, 'rtol')}: {exc}") from None
+
+
+@pytest.fixture
+def gpumem(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Measure training steps of this test against its gpu_budget (see pytest_gpumem.fixture.GpuMem)."""
+    from .fixture import GpuMem
+
+    manager: Manager = request.config.pluginmanager.get_plugin("gpumem-manager")
+    yield GpuMem(manager, request.node, manager.state_for(request.node))
+

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pytest_gpumem._core.budget import Budget
 from pytest_gpumem._core.categories import PHASES, Category, Phase
+from pytest_gpumem._core.records import TestRecord
 from pytest_gpumem._core.results import PhaseStats, StepMeasurement, StepReport
 
 C = Category
@@ -46,15 +48,15 @@ def make_report(*, params: int = 400_000, grads: int | None = None, optimizer: i
 
 
 def make_record(nodeid: str, report: StepReport | None = None, *, budget: int | None = None,
-                estimate: int | None = None, outcome: str = "passed", **sizes: Any) -> dict[str, Any]:
+                estimate: int | None = None, outcome: str = "passed", **sizes: Any) -> TestRecord:
     """A plugin-style test record around a report (built from ``sizes`` when not given)."""
     report = report if report is not None else make_report(**sizes)
-    return {
-        "nodeid": nodeid,
-        "outcome": outcome,
-        "budget": {"total_bytes": budget, "categories": {}, "kind": "allocated"},
-        "report": report.to_dict(),
-        "estimate": None if estimate is None else {"peak_bytes": estimate,
-                                                   "peak_split": {"params": report.peak_split[C.PARAMS]}},
-        "max_batch": None,
-    }
+    return TestRecord(
+        nodeid=nodeid,
+        outcome=outcome,
+        report=report,
+        budget=Budget(total=budget),
+        estimate=None if estimate is None else {"peak_bytes": estimate,
+                                                "peak_split": {"params": report.peak_split[C.PARAMS]}},
+        measurements=1,
+    )

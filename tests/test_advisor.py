@@ -78,7 +78,8 @@ def pairwise_batch(b):
 
 def test_quadratic_memory_is_reported_and_still_answered():
     safety = 0.8
-    usable = measure_step(PairwiseScores(), SGD(PairwiseScores().parameters()), pairwise_batch(200)[0],
+    reference = PairwiseScores()
+    usable = measure_step(reference, SGD(reference.parameters()), pairwise_batch(200)[0],
                           target=pairwise_batch(200)[1], backend="cpu").peak
     budget = budget_for(usable, safety)
     advice = advise_batch_size(PairwiseScores, SGD, pairwise_batch, budget=budget, safety=safety, backend="cpu")

@@ -20,6 +20,7 @@ from pytest_gpumem._reporting.baseline import (
     save_baseline_atomic,
 )
 from pytest_gpumem._core.categories import Category
+from pytest_gpumem._core.records import TestRecord
 from pytest_gpumem._core.units import format_bytes
 
 MiB = 2**20
@@ -30,10 +31,9 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save(path: Path, *records: dict, merge_with: Baseline | None = None) -> Baseline:
-    report = records[0]["report"]
-    return save_baseline_atomic(path, list(records), backend=report["backend"], device=report["device"],
-                                merge_with=merge_with)
+def save(path: Path, *records: TestRecord) -> Baseline:
+    report = records[0].report
+    return save_baseline_atomic(path, list(records), backend=report.backend, device=report.device)
 
 
 # --------------------------------------------------------------------------- parse_regression_spec
@@ -108,7 +108,7 @@ def test_round_trip_passes_and_file_is_diff_friendly(tmp_path: Path) -> None:
     baseline = load_baseline(path)
     spec = parse_regression_spec("0%,*:0%,reserved:0%")
     for record in records:
-        result = check_regression(record["nodeid"], record["report"], baseline, spec)
+        result = check_regression(record.nodeid, record.report, baseline, spec)
         assert (result.failed, result.shrunk, result.missing, result.message) == (False, (), False, None)
     # Saving the same records again gives the same bytes: no timestamps, stable order.
     before = path.read_bytes()
@@ -130,7 +130,7 @@ def test_entry_holds_peak_category_and_phase_peaks(tmp_path: Path) -> None:
 def test_merge_keeps_entries_not_measured_again(tmp_path: Path) -> None:
     path = tmp_path / "base.json"
     old = save(path, make_record("t::a"), make_record("t::b"))
-    save(path, make_record("t::b", activations=2 * MiB), merge_with=old)
+    save(path, make_record("t::b", activations=2 * MiB))  # merges with what the file holds
     entries = load_baseline(path).entries
     assert sorted(entries) == ["t::a", "t::b"]
     assert entries["t::a"] == old.entries["t::a"]
@@ -144,7 +144,7 @@ def test_grown_category_message_matches_the_issue_example(tmp_path: Path) -> Non
     # 1.20 MiB -> 1.50 MiB of activations: the sentence of the issue, figure for figure.
     old, new = make_report(activations=1_258_291), make_report(activations=1_572_864)
     baseline = save(tmp_path / "base.json", make_record(NODE, old))
-    result = check_regression(NODE, new.to_dict(), baseline, parse_regression_spec("activations:5%"))
+    result = check_regression(NODE, new, baseline, parse_regression_spec("activations:5%"))
     assert result.message == (
         "gpumem regression: activations grew 1.20 MiB -> 1.50 MiB (+0.30 MiB, +25.0%) over the 5% allowed "
         "vs baseline base.json"
@@ -245,7 +245,7 @@ def _valid_text(tmp_path: Path) -> str:
         (lambda good: "{not json", "not valid JSON"),
         (lambda good: good.replace('"version": 1', '"version": 2'), "version 2"),
         (lambda good: good.replace("pytest-gpumem/baseline", "pytest-gpumem/results"), "schema 'pytest-gpumem/results'"),
-        (lambda good: "[1, 2]", "holds a JSON list"),
+        (lambda good: "[1, 2]", "holds a JSON array"),
         (lambda good: good.replace('"peak_bytes": ', '"peak_bytes": -'), "malformed"),
         (lambda good: good.replace('"tests": {', '"tests": {"t::x": 3, '), "entry 't::x' is malformed"),
         (lambda good: good.replace('"backend": "emulated"', '"backend": 7'), "'backend' is missing"),

@@ -32,7 +32,8 @@ GiB = 2**30
         ((), {"rtol": 0.05}, Budget(rtol=0.05)),
         ((), {"rtol": "5%"}, Budget(rtol=0.05)),  # the same forms as --gpumem-rtol
         ((), {"rtol": False}, Budget(rtol=False)),
-        ((), {}, Budget()),
+        ((None,), {"backend": "cpu"}, Budget(backend="cpu")),  # None: no total, the backend still counts
+        ((2e9,), {}, Budget(total=2_000_000_000)),  # a whole float counts bytes
     ],
 )
 def test_marker_arguments_accepted(args, kwargs, expected):
@@ -58,6 +59,13 @@ def test_marker_arguments_accepted(args, kwargs, expected):
         (("1GB",), {"rtol": -0.1}, "rtol=-0.1"),
         (("1GB",), {"rtol": True}, "rtol=True"),
         (("1GB",), {"grads": [1]}, "grads=[1]"),
+        ((), {}, "sets nothing"),
+        ((None,), {}, "sets nothing"),
+        ((1.5,), {}, "1.5 is not a whole number"),
+        (("1.5",), {}, "'1.5' is not a whole number"),
+        ((2,), {}, "2 B cannot hold a training step"),
+        ((), {"kind": "reserved"}, "kind='reserved' limits the total"),
+        (("1GB",), {"rtol": ""}, "rtol=''"),
     ],
 )
 def test_marker_arguments_rejected_naming_the_value(args, kwargs, named):

@@ -63,7 +63,7 @@ def test_bad_baseline_and_bad_spec_are_usage_errors(project: pytest.Pytester) ->
     bad.write_text('{"schema": "pytest-gpumem/baseline", "version": 1, "tes')
     before = bad.read_bytes()
     result = project.runpytest(*BASE, "--gpumem-baseline=base.json", "--gpumem-fail-regression=5%",
-                               "--gpumem-save-baseline=base.json")
+                               "--gpumem-save-baseline=new.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*baseline {bad} is not valid JSON (corrupt or truncated?)*"])
     assert bad.read_bytes() == before

@@ -41,6 +41,10 @@ def _warm_up() -> None:
     can be used to register the namespace _inductor_test").
     """
     import pytest_gpumem._tools.contradiction  # noqa: F401  (the rtol check)
+    import pytest_gpumem._judge  # noqa: F401  (the plugin imports these on first use; patched by tests below)
+    import pytest_gpumem._reporting.gating  # noqa: F401
+    import pytest_gpumem._reporting.tables  # noqa: F401
+    import pytest_gpumem.fixture  # noqa: F401
     import pytest_gpumem._emulation  # noqa: F401  (explains failures on meta tensors)
     from pytest_gpumem import track
     from pytest_gpumem._estimate import estimate_step
@@ -98,19 +102,20 @@ def test_marker_is_listed_and_clean_under_strict_markers(pytester):
         ("activations='-1MB'", "activations='-1MB'"),
     ],
 )
-def test_bad_marker_arguments_are_a_collection_error_naming_test_and_value(pytester, args, shown):
+def test_bad_marker_arguments_error_their_own_test_only(pytester, args, shown):
     _inner(pytester, f"@pytest.mark.gpu_budget({args})\ndef test_bad(gpumem):\n    pass\n\ndef test_fine():\n    pass\n")
     result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.INTERRUPTED  # collection errors stop the run, as --strict-markers does
+    result.assert_outcomes(passed=1, errors=1)  # like skipif or timeout: the rest of the suite still runs
     result.stdout.fnmatch_lines([f"*test_inner.py::test_bad: invalid gpu_budget marker: {shown}*"])
-    result.stdout.fnmatch_lines(["*1 error during collection*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert "During handling" not in result.stdout.str()
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
 def test_bad_marker_arguments_under_xdist_do_not_crash_workers(pytester):
     _inner(pytester, "@pytest.mark.gpu_budget('2Gb')\ndef test_bad(gpumem):\n    pass\n\ndef test_fine():\n    pass\n")
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*test_inner.py::test_bad: invalid gpu_budget marker: total='2Gb'*"])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     assert result.ret != pytest.ExitCode.OK
@@ -203,7 +208,7 @@ def test_step(gpumem, budget):''' + STEP)
 
 
 def test_verbose_report_section_lists_every_step(pytester, expected):
-    _inner(pytester, "@pytest.mark.gpu_budget(1)\ndef test_step(gpumem):" + STEP)
+    _inner(pytester, "@pytest.mark.gpu_budget('1B')\ndef test_step(gpumem):" + STEP)
     quiet = [ln for ln in pytester.runpytest().stdout.lines if ln.startswith(("first/", "steady/"))]
     loud = [ln for ln in pytester.runpytest("-v").stdout.lines if ln.startswith(("first/", "steady/"))]
     assert len(quiet) == len(expected.peak_step.phases)
@@ -256,15 +261,21 @@ import pytest
 def broken_checker(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated plugin bug")
-    monkeypatch.setattr("pytest_gpumem._core.budget.check_budget", boom)
+    monkeypatch.setattr("pytest_gpumem._judge._record", boom)
 '''
     _inner(pytester, "@pytest.mark.gpu_budget('1GB')\ndef test_fails(gpumem):" + STEP
            + "    assert False, 'my own message'\n\n@pytest.mark.gpu_budget('1GB')\ndef test_passes(gpumem):" + STEP,
            conftest=conftest)
     result = pytester.runpytest("-rA")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*AssertionError: my own message*"])
+    # the plugin's failure fails the test it was checking, never a silent pass ...
+    result.assert_outcomes(passed=0, failed=2)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_passes - pytest-gpumem internal error*"])
+    # ... and never replaces the user's own failure, which keeps its message; the plugin's goes in a section
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_fails - AssertionError: my own message*"])
     result.stdout.fnmatch_lines(["*gpumem internal error*", "*RuntimeError: simulated plugin bug*"])
+    # the summary names both tests under the plugin's own heading
+    result.stdout.fnmatch_lines(["*gpumem internal errors*", "test_inner.py::test_fails: pytest-gpumem internal error*",
+                                 "test_inner.py::test_passes: pytest-gpumem internal error*"])
 
 
 def test_emulated_backend_step_failure_explains_itself(pytester):
@@ -314,16 +325,23 @@ def test_report_option_lists_each_measured_test(pytester, expected, how):
     a, b = rows
     headroom = f"{(budget - expected.peak) / budget * 100:.1f}%"
     cells = a.split()
-    assert cells[1:7] == ["emulated", *format_bytes(budget).split(), *format_bytes(expected.peak).split(), headroom]
-    assert cells[7] == expected.peak_phase.value
-    assert b.split()[1:3] == ["emulated", "-"]
-    for c in CATEGORIES:
-        value = expected.peak_split.get(c, 0)
-        assert (format_bytes(value) if value else "0") in a
+    # default: 120 columns; one backend, so no backend column, and the largest category instead of all seven
+    assert cells[1:6] == [*format_bytes(budget).split(), *format_bytes(expected.peak).split(), headroom]
+    assert cells[6] == expected.peak_phase.value
+    assert b.split()[1] == "-"
+    top = max(CATEGORIES, key=lambda c: expected.peak_split.get(c, 0))
+    assert f"{expected.peak_split[top] / expected.peak * 100:.0f}%" in a
     assert a.endswith("ok")
     assert "peak: most bytes allocated" in result.stdout.str()
-    # -v: a row per step/phase under each test
+    section = result.stdout.lines[next(i for i, ln in enumerate(result.stdout.lines) if "gpumem report" in ln):]
+    assert max(len(ln) for ln in section if not ln.startswith("=")) <= 120
+    # -v: every column, and a row per step/phase under each test
     verbose = pytester.runpytest("-v", *(["--gpumem-report"] if how == "cli" else []))
+    wide = next(ln for ln in _report_rows(verbose) if ln.startswith("test_inner.py::test_a "))
+    for c in CATEGORIES:
+        value = expected.peak_split.get(c, 0)
+        assert (format_bytes(value) if value else "0") in wide
+    assert wide.split()[1] == "emulated"
     lines = verbose.stdout.lines
     i = next(i for i, ln in enumerate(lines) if ln.startswith("test_inner.py::test_a "))
     phase_rows = [ln for ln in lines[i + 1:] if ln.startswith("  ")][: sum(len(s.phases) for s in expected.steps)]

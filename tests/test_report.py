@@ -1,11 +1,12 @@
-"""_reporting/tables.py: the phase x category table of a step and the --gpumem-report summary table."""
+"""report.py: the phase x category table of a step and the --gpumem-report summary table."""
 from __future__ import annotations
 
 from gpumem_factories import make_report
 from pytest_gpumem._core.categories import CATEGORIES, Category
+from pytest_gpumem._reporting.tables import _SHORT, STEP_LEGEND, SummaryRow, render_table, step_table, summary_table
 from pytest_gpumem._core.units import format_bytes
 from pytest_gpumem._core.text_table import render_table
-from pytest_gpumem._reporting.tables import STEP_LEGEND, SummaryRow, step_table, summary_table
+from pytest_gpumem._reporting.tables import _SHORT, STEP_LEGEND, SummaryRow, step_table, summary_table
 
 
 def _row(nodeid="t.py::test_a", **kw) -> SummaryRow:
@@ -61,7 +62,7 @@ def test_step_table_says_which_step_is_larger_in_words():
 
 def test_summary_table_has_a_row_per_test_with_headroom_and_split():
     row = _row()
-    text = summary_table([row, _row("t.py::test_b", budget=None, headroom=None, status="FAILED")])
+    text = summary_table([row, _row("t.py::test_b", budget=None, headroom=None, status="FAILED")], wide=True)
     lines = text.splitlines()
     assert lines[0].split()[:6] == ["test", "backend", "budget", "peak", "headroom", "peak"]
     first = lines[2].split()
@@ -94,7 +95,42 @@ def test_summary_table_marks_reserved_budgets():
 
 def test_summary_table_phase_rows_are_indented_under_their_test():
     phases = {"t.py::test_a": [("first/forward", 1024), ("first/backward", 4096)]}
-    lines = summary_table([_row(), _row("t.py::test_b")], phases=phases).splitlines()
+    lines = summary_table([_row(), _row("t.py::test_b")], phases=phases, wide=True).splitlines()
     assert lines[3].split() == ["first/forward", "1.00", "KiB"] and lines[3].startswith("  ")
     assert lines[4].split() == ["first/backward", "4.00", "KiB"]
     assert lines[5].startswith("t.py::test_b")
+
+
+def test_default_summary_fits_120_columns_and_keeps_the_test_name():
+    long_id = "tests/models/test_transformers.py::test_" + "very_long_parametrised_name_" * 6 + "[adamw-bf16]"
+    text = summary_table([_row(long_id), _row("t.py::test_b", budget=None, headroom=None)])
+    assert max(map(len, text.splitlines())) <= 120
+    row = text.splitlines()[2]
+    assert row.startswith("\u2026") and "[adamw-bf16]" in row  # cut from the left: the test's own name stays
+    header = text.splitlines()[0].split()
+    assert "backend" not in header and "activ" not in header and "largest" in header  # one backend: no column
+
+
+def test_default_summary_names_the_largest_category_and_its_share():
+    row = _row()
+    top = max(CATEGORIES, key=lambda c: row.split.get(c, 0))
+    share = row.split[top] / row.peak * 100
+    assert row.largest.split()[1] == f"{share:.0f}%"
+    assert summary_table([row]).splitlines()[2].split()[-2:] == [f"{share:.0f}%", "ok"]
+
+
+def test_backend_column_appears_when_tests_ran_on_several():
+    text = summary_table([_row(), _row("t.py::test_b", backend="cpu")])
+    assert text.splitlines()[0].split()[:2] == ["test", "backend"]
+
+
+def test_wide_summary_shows_every_category_however_long():
+    long_id = "t.py::test_" + "x" * 150
+    text = summary_table([_row(long_id)], wide=True)
+    assert long_id in text and all(_SHORT[c] in text.splitlines()[0] for c in CATEGORIES)
+
+
+def test_leak_column_appears_when_a_test_leaked():
+    text = summary_table([_row(), _row("t.py::test_b", leak=3 * 2**20)])
+    assert "leak" in text.splitlines()[0].split()
+    assert "3.00 MiB" in text.splitlines()[3]

@@ -10,6 +10,7 @@ import pytest
 from gpumem_factories import make_record, make_report
 from pytest_gpumem._reporting import results_json
 from pytest_gpumem._core.categories import Category
+from pytest_gpumem._core.records import TestRecord
 from pytest_gpumem._core.results import StepReport
 from pytest_gpumem._reporting.atomic_files import write_json_atomic
 from pytest_gpumem._reporting.results_json import (
@@ -41,9 +42,8 @@ def test_document_has_schema_session_and_every_figure_per_test() -> None:
 
 
 def test_unmeasured_test_and_regressions_are_kept() -> None:
-    broken = {"nodeid": "t.py::test_x", "outcome": "failed", "budget": None, "report": None,
-              "estimate": None, "max_batch": None}
-    doc = build_results_document({"t.py::test_x": broken}, session_info={},
+    broken = TestRecord("t.py::test_x", outcome="failed")
+    doc = build_results_document([broken], session_info={},
                                  regressions={"t.py::test_x": {"message": "m"}})
     (entry,) = doc["tests"]
     assert entry["peak_bytes"] is None and entry["outcome"] == "failed" and entry["regression"] == {"message": "m"}

@@ -1,14 +1,18 @@
 """Budgets from the gpu_budget marker, the checks against a StepReport, and the failure sentences."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .._measure.backends import BACKENDS
-from .categories import Category
-from .results import StepReport
+from .categories import BACKENDS, Category
 from .units import format_bytes, format_percent, parse_bytes
 
+if TYPE_CHECKING:
+    from .results import StepReport
+
+#: the marker's name
+MARKER = "gpu_budget"
 KINDS = ("allocated", "reserved")
 #: categories a marker keyword may budget
 BUDGETED_CATEGORIES = (
@@ -48,15 +52,46 @@ class Budget:
     def is_empty(self) -> bool:
         return self.total is None and not self.categories
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
+        """The budget of ``to_dict()`` (what a test record carries: total, categories, kind, leak)."""
+        return cls(
+            total=data.get("total_bytes"),
+            categories={Category(k): int(v) for k, v in (data.get("categories") or {}).items()},
+            kind=data.get("kind") or "allocated",
+            leak=data.get("leak_bytes"),
+        )
+
+
+#: A bare number below this is refused as a total or category budget: gpu_budget(2) meant '2GB', not 2 bytes.
+SMALLEST_BARE_BUDGET = 1024
+
 
 def _size(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    """Bytes of a budget argument; BudgetError for zero, fractions of a byte and bare numbers that meant a unit."""
+    where = f"{name}={value!r}: " if name else ""
+    bare = isinstance(value, int) and not isinstance(value, bool) or (
+        isinstance(value, float) and math.isfinite(value)) or (
+        isinstance(value, str) and value.strip().replace(".", "", 1).isdigit())
+    if bare and float(value) != int(float(value)):
+        raise BudgetError(f"{where}a bare number counts bytes and {value!r} is not a whole number; "
+                          f"write the unit, e.g. '{value}GB' or '{value}GiB'")
     try:
         size = parse_bytes(value)
     except ValueError as exc:
-        raise BudgetError(f"{name}={value!r}: {exc}") from None
+        raise BudgetError(f"{where}{exc}") from None
     if size == 0 and not allow_zero:
-        raise BudgetError(f"{name}={value!r}: a budget must be positive (use leak='0B' to forbid leaks)")
+        hint = " (use leak='0B' to forbid leaks)" if name else ""
+        raise BudgetError(f"{where}a budget must be positive{hint}")
+    if bare and not allow_zero and size < SMALLEST_BARE_BUDGET:
+        raise BudgetError(f"{where}a bare number counts bytes, and {size} B cannot hold a training step; "
+                          f"write the unit, e.g. '{value}GB' or '{value}GiB' (or '{value}B' if you mean bytes)")
     return size
+
+
+def parse_size(value: Any) -> int:
+    """A positive budget size ('2GiB', 2_000_000_000); BudgetError saying what is wrong and what is accepted."""
+    return _size("", value)
 
 
 def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
@@ -68,6 +103,9 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError(f"unknown keyword {', '.join(unknown)}; accepted: {MARKER_SIGNATURE}")
     if args and "total" in kwargs:
         raise BudgetError("total given both positionally and as a keyword")
+    if all(v is None for v in (*args, *kwargs.values())):
+        raise BudgetError("sets nothing: give a total such as gpu_budget('2GB'), a per-category budget "
+                          "(activations='512MiB'), leak=, rtol= or backend=")
     raw_total = args[0] if args else kwargs.get("total")
     total = None if raw_total is None else _size("total", raw_total)
     categories = {
@@ -78,6 +116,8 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError(f"kind={kind!r}: expected one of {', '.join(map(repr, KINDS))}")
     if kind == "reserved" and categories:
         raise BudgetError("per-category budgets apply to allocated bytes; kind='reserved' takes only a total")
+    if kind == "reserved" and total is None:
+        raise BudgetError("kind='reserved' limits the total: give one, e.g. gpu_budget('2GB', kind='reserved')")
     backend = kwargs.get("backend")
     if backend is not None and backend not in BACKENDS:
         raise BudgetError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
@@ -92,16 +132,17 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
 
 
 def parse_rtol(value: Any) -> float | None:
-    """A relative tolerance from 0.05, '0.05', '5%' or 'off' (None); BudgetError names anything else."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+    """A relative tolerance from 0.05, '0.05', '5%' or 'off' (None); BudgetError names anything else (also '')."""
+    accepted = "expected a fraction such as 0.05, '5%', or 'off'"
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
-    if isinstance(value, bool):
-        raise BudgetError(f"rtol={value!r}: expected a fraction such as 0.05, '5%', or 'off'")
+    if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise BudgetError(f"rtol={value!r}: {accepted}")
     text = str(value).strip()
     try:
         rtol = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise BudgetError(f"rtol={value!r}: expected a fraction such as 0.05, '5%', or 'off'") from None
+        raise BudgetError(f"rtol={value!r}: {accepted}") from None
     if not 0 <= rtol < float("inf"):
         raise BudgetError(f"rtol={value!r}: must be a finite number >= 0")
     return rtol

@@ -1,4 +1,4 @@
-"""The shared vocabulary: phases of a training step and categories of live bytes."""
+"""The shared vocabulary: phases of a training step, categories of live bytes, backend names."""
 from __future__ import annotations
 
 import enum
@@ -31,6 +31,15 @@ class Category(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: Where bytes come from: auto (cuda with a GPU, else emulated), cuda, cpu, emulated.
+BACKENDS: tuple[str, ...] = ("auto", "cuda", "cpu", "emulated")
+
+
+def estimate_device(backend: str) -> str:
+    """The device an estimate describes for a backend: 'cpu' for the cpu backend, else 'cuda' (emulated predicts CUDA)."""
+    return "cpu" if backend == "cpu" else "cuda"
 
 
 PHASES: tuple[Phase, ...] = tuple(Phase)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from .categories import CATEGORIES, PHASES, Category, Phase
+from .text_table import render_table
 from .units import format_bytes
 
 Split = Mapping[Category, int]
@@ -149,6 +150,15 @@ class StepReport:
         """The most bytes ``category`` held at any phase peak of any step (for per-category budgets)."""
         return max((stats.peak_split.get(category, 0) for _, stats in self.step_phases()), default=0)
 
+    def phase_peaks(self) -> dict[Phase, int]:
+        """The peak of each phase over all steps, in phase order."""
+        peaks: dict[Phase, int] = {}
+        for phase in PHASES:
+            values = [s.phases[phase].peak for s in self.steps if phase in s.phases]
+            if values:
+                peaks[phase] = max(values)
+        return peaks
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
@@ -179,8 +189,6 @@ class StepReport:
 
     def table(self, *, verbose: bool = False) -> str:
         """A phase x category table of the peak step (every step with ``verbose``), for people."""
-        from .._reporting.tables import step_table  # local import: report depends on results, not the reverse
-
         return step_table(self, verbose=verbose)
 
     def __str__(self) -> str:
@@ -189,3 +197,45 @@ class StepReport:
             f"of the {self.peak_step.label} step)"
         )
 
+
+def _step_rows(step: StepMeasurement) -> list[list[str]]:
+    rows = []
+    for phase, stats in step.phases.items():
+        mark = " <- peak" if phase is step.peak_phase else ""
+        rows.append(
+            [f"{step.label}/{phase.value}", format_bytes(stats.peak), format_bytes(stats.retained)]
+            + [format_bytes(stats.peak_split.get(c, 0)) for c in CATEGORIES]
+            + [mark.strip()]
+        )
+    return rows
+
+
+_LARGER = {
+    "first": "the first step needs more than the steady ones",
+    "steady": "steady steps need more than the first",
+    "equal": "first and steady steps peak alike",
+}
+
+#: what the rows and columns of ``step_table`` mean, printed under it
+STEP_LEGEND = (
+    "rows: step/phase (first = step 0, where the optimizer state is created; steady = later steps); "
+    "peak: most bytes allocated during the phase; retained: allocated when it ended; "
+    "the category columns split the phase's peak"
+)
+
+
+def step_table(report: StepReport, *, verbose: bool = False) -> str:
+    """Per phase: peak, retained, and the category mix at the phase's peak."""
+    steps = report.steps if verbose else (report.peak_step,)
+    header = ["step/phase", "peak", "retained", *[c.value for c in CATEGORIES], ""]
+    rows = [row for step in steps for row in _step_rows(step)]
+    title = (
+        f"{report.backend} backend, {report.device}: peak {format_bytes(report.peak)} during "
+        f"{report.peak_phase.value} of the {report.peak_step.label} step ({_LARGER[report.larger_step]})"
+    )
+    if report.reserved_peak is not None:
+        title += f"; reserved peak {format_bytes(report.reserved_peak)} (allocator segments)"
+    if not verbose and len(report.steps) > 1:
+        title += f"; showing the {report.peak_step.label} step (-v: all {len(report.steps)} steps)"
+    notes = "".join(f"\nnote: {n}" for n in report.notes)
+    return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{notes}"

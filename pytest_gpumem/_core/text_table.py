@@ -1,4 +1,4 @@
-"""Plain-text tables for people: columns padded to their widest cell, one function for every table."""
+"""Plain-text tables for people: columns padded to their widest cell (one function for every table), lines wrapped."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,3 +21,17 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, ali
 
     rule = "  ".join("-" * w for w in widths).rstrip()
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def wrap_lines(lines: Sequence[str], width: int | None) -> list[str]:
+    """Each line wrapped to ``width`` columns (continuations indented two spaces); None leaves them whole."""
+    if width is None:
+        return list(lines)
+    import textwrap  # only the fitted --gpumem-report wraps
+
+    return [w for line in lines for w in textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False)]
+
+
+def shorten_left(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters from the left ('…' + the end), keeping a test's name visible."""
+    return text if len(text) <= width else "\u2026" + text[len(text) - width + 1:]

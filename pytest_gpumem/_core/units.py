@@ -66,7 +66,8 @@ def _parse(value: object) -> int:
     return math.ceil(total)
 
 
-_IEC = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+#: The binary units ``format_bytes`` prints, largest first (the one IEC table: reports, baselines, HTML axes).
+IEC_UNITS: tuple[tuple[str, int], ...] = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 
 
 def format_bytes(n: int | float, *, signed: bool = False) -> str:
@@ -76,7 +77,7 @@ def format_bytes(n: int | float, *, signed: bool = False) -> str:
         sign, n = "-", -n
     elif signed:
         sign = "+"
-    for name, size in _IEC:
+    for name, size in IEC_UNITS:
         if n >= size:
             return f"{sign}{n / size:.2f} {name}"
     return f"{sign}{int(n)} B"

@@ -12,9 +12,9 @@ META = torch.device("meta")
 
 
 def _to_meta(obj: Any) -> Any:
-    from .._compat import tree_map
+    from .._core.tensors import map_tensors
 
-    return tree_map(lambda t: torch.empty_like(t, device=META) if isinstance(t, torch.Tensor) else t, obj)
+    return map_tensors(lambda t: torch.empty_like(t, device=META), obj)  # dataclass batches included
 
 
 def meta_twin(model: nn.Module) -> nn.Module:

@@ -12,11 +12,10 @@ from typing import Any, Callable
 import torch
 
 from .allocator import CachingAllocatorModel, replay_allocations, round_allocation
-from .._core.categories import Category, Phase
+from .._core.categories import BACKENDS, Category, Phase  # noqa: F401  (BACKENDS re-exported)
 from .._core.results import PhaseStats
 from .tracker import Kernel, PhaseReplay, StorageTracker, no_rounding
 
-BACKENDS = ("auto", "cuda", "cpu", "emulated")
 
 
 def resolve_backend_name(name: str | None) -> str:

@@ -88,6 +88,9 @@ class Session:
             self.report = self._build_report()
         finally:
             self._restore.close()  # the user's model gets its own tensors back whatever happened
+            # the trackers outlive the step (the leak check at teardown): they must not keep the user's objects alive
+            self.model, self.optimizer, self.batch_tensors = None, None, []
+            self.tracker.on_dispatch = None
         return self.report
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -234,8 +237,8 @@ def measure_step(
     optimizer and batch are copied to meta tensors (the originals are untouched) and the CUDA
     allocator's rules applied, predicting what ``backend="cuda"`` would report.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    __tracebackhide__ = True
+    check_step_arguments(model, optimizer, steps)
     be = backend if isinstance(backend, Backend) else make_backend(backend)
     loss_fn = loss_fn or default_loss
     session = Session(be)
@@ -275,8 +278,35 @@ def _freeze_older_objects() -> bool:
     return True
 
 
+def check_step_arguments(model: Any, optimizer: Any, steps: Any) -> None:
+    """TypeError/ValueError, before anything runs, for arguments that cannot make a training step."""
+    __tracebackhide__ = True
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be a whole number >= 1, got {steps!r} ({type(steps).__name__})")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True), so there is no "
+            f"training step to measure; unfreeze some, or measure inference another way"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    own = {id(p) for p in model.parameters()}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if held and not any(id(p) in own for p in held):
+        raise ValueError(
+            f"the optimizer updates none of {type(model).__name__}'s parameters ({len(held)} tensor(s) of another "
+            f"model?); build it from this model: torch.optim.X(model.parameters(), ...)"
+        )
+
+
 def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
     """forward -> backward -> optimizer -> zero_grad, each its own phase."""
+    __tracebackhide__ = True
     session.phase(index, Phase.FORWARD)
     with session.backend.forward_context():
         with session.backend.autocast(autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext():
@@ -316,6 +346,7 @@ def track(
     the optimizer's step hooks. The model, optimizer and batch must already be on the backend's
     device (``gpumem.device``); a new forward after an optimizer step starts the next step.
     """
+    __tracebackhide__ = True
     be = backend if isinstance(backend, Backend) else make_backend(backend)
     session = Session(be)
     handle = Tracking(session)

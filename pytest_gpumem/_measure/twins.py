@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from .._compat import module_registries, tree_map
+from .._compat import module_registries
+from .._core.tensors import map_tensors
 
 
 def move_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -28,8 +29,8 @@ def move_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) batch on ``device``; other leaves unchanged."""
-    return tree_map(lambda x: move_tensor(x, device) if isinstance(x, torch.Tensor) else x, batch)
+    """Every tensor in a (nested) batch on ``device``, dataclass fields included; other leaves unchanged."""
+    return map_tensors(lambda t: move_tensor(t, device), batch)
 
 
 def device_copies(model: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .._core.categories import CATEGORIES
-from .atomic_files import write_json_atomic
-from .results_json import phase_peaks
-from .._core.units import format_bytes, parse_bytes
+from .._core.records import TestRecord
+from .._core.results import StepReport
+from .._core.units import UNITS, format_bytes, parse_bytes
+from .atomic_files import FileProblem, folder_lock, parse_json_bounded, read_bytes_bounded, write_json_atomic
 
 SCHEMA = "pytest-gpumem/baseline"
 VERSION = 1
@@ -139,15 +140,13 @@ class BaselineEntry:
         return self.category_peaks.get(scope)
 
     @classmethod
-    def from_report(cls, report: Any) -> "BaselineEntry":
-        """The entry for a ``StepReport`` or its ``to_dict()``."""
-        data = report.to_dict() if hasattr(report, "to_dict") else report
-        reserved = data.get("reserved_peak_bytes")
+    def from_report(cls, report: StepReport) -> "BaselineEntry":
+        """The entry for a measured step."""
         return cls(
-            peak=int(data["peak_bytes"]),
-            category_peaks={k: int(v) for k, v in data["category_peaks"].items()},
-            phase_peaks=phase_peaks(data),
-            reserved_peak=int(reserved) if reserved is not None else None,
+            peak=report.peak,
+            category_peaks={c.value: report.category_peak(c) for c in CATEGORIES},
+            phase_peaks={p.value: v for p, v in report.phase_peaks().items()},
+            reserved_peak=report.reserved_peak,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,21 +158,44 @@ class BaselineEntry:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BaselineEntry":
+    def from_dict(cls, data: Any) -> "BaselineEntry":
+        """An entry from baseline JSON; TypeError/KeyError naming the field that is wrong."""
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got a JSON {_json_type(data)}")
         reserved = data.get("reserved_peak_bytes")
         return cls(
-            peak=_int(data["peak_bytes"]),
-            category_peaks={str(k): _int(v) for k, v in data.get("category_peaks", {}).items()},
-            phase_peaks={str(k): _int(v) for k, v in data.get("phase_peaks", {}).items()},
-            reserved_peak=_int(reserved) if reserved is not None else None,
+            peak=_int(data["peak_bytes"], "peak_bytes"),
+            category_peaks=_byte_map(data.get("category_peaks", {}), "category_peaks"),
+            phase_peaks=_byte_map(data.get("phase_peaks", {}), "phase_peaks"),
+            reserved_peak=_int(reserved, "reserved_peak_bytes") if reserved is not None else None,
         )
 
 
-def _int(value: Any) -> int:
-    """A byte count from JSON: a non-negative int (bools and floats rejected)."""
+#: Largest byte count a baseline may hold (8 EiB; anything larger is a corrupt or hand-edited file).
+MAX_BYTES = 2**63 - 1
+
+
+def _int(value: Any, field: str = "") -> int:
+    """A byte count from JSON: an int in [0, 2**63) (bools, floats and huge numbers rejected)."""
+    where = f"{field}: " if field else ""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TypeError(f"expected a non-negative integer number of bytes, got {value!r}")
+        raise TypeError(f"{where}expected a non-negative integer number of bytes, got {_short(value)}")
+    if value > MAX_BYTES:
+        raise TypeError(f"{where}{_short(value)} bytes is beyond any device (at most 2**63 - 1)")
     return value
+
+
+def _byte_map(value: Any, field: str) -> dict[str, int]:
+    """A {name: bytes} object from JSON, naming the field when it is something else."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{field}: expected an object of byte counts keyed by name, got a JSON {_json_type(value)}")
+    return {str(k): _int(v, f"{field}.{k}") for k, v in value.items()}
+
+
+def _short(value: Any) -> str:
+    """repr() of a value, cut to 40 characters (a 400-digit number stays readable in a message)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -203,37 +225,33 @@ class Baseline:
 
 
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
-    """Read a baseline file (read-only); BaselineError naming the file and what is wrong with it."""
+    """Read a baseline file (read-only, bounded); BaselineError naming the file and what is wrong with it."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_bytes_bounded(path, what="baseline")
     except FileNotFoundError:
         raise BaselineError(f"baseline {path} does not exist; create it with --gpumem-save-baseline={path}") from None
-    except OSError as exc:
-        raise BaselineError(f"baseline {path} cannot be read: {exc.strerror or exc}") from None
+    except FileProblem as exc:
+        raise BaselineError(str(exc)) from None
     if not raw.strip():
         raise BaselineError(f"baseline {path} is empty (truncated?); restore it from version control or save it again")
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BaselineError(f"baseline {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise BaselineError(
-            f"baseline {path} is not valid JSON (corrupt or truncated?): {exc.msg} at line {exc.lineno} "
-            f"column {exc.colno}; restore it from version control or save it again"
-        ) from None
+        data = parse_json_bounded(raw, what="baseline", path=path)
+    except FileProblem as exc:
+        raise BaselineError(str(exc)) from None
     return _baseline_from_data(data, path)
 
 
 def _baseline_from_data(data: Any, path: Path) -> Baseline:
     """Check the header and entries of parsed baseline JSON."""
     if not isinstance(data, dict):
-        raise BaselineError(f"baseline {path} holds a JSON {type(data).__name__}, expected an object with a {SCHEMA!r} header")
+        raise BaselineError(f"baseline {path} holds a JSON {_json_type(data)}, expected an object with a {SCHEMA!r} header")
     if data.get("schema") != SCHEMA:
         raise BaselineError(f"baseline {path} has schema {data.get('schema')!r}, expected {SCHEMA!r}; is it a baseline file?")
-    if data.get("version") != VERSION:
+    version = data.get("version")
+    if isinstance(version, bool) or version != VERSION:  # True == 1 in Python, but not in a baseline
         raise BaselineError(
-            f"baseline {path} has version {data.get('version')!r}; this pytest-gpumem reads version {VERSION}: "
+            f"baseline {path} has version {version!r}; this pytest-gpumem reads version {VERSION}: "
             f"save it again with --gpumem-save-baseline"
         )
     for key in ("backend", "device"):
@@ -245,15 +263,19 @@ def _baseline_from_data(data: Any, path: Path) -> Baseline:
     entries: dict[str, BaselineEntry] = {}
     for nodeid, entry in tests.items():
         try:
-            if not isinstance(entry, dict):
-                raise TypeError(f"expected an object, got {type(entry).__name__}")
             entries[nodeid] = BaselineEntry.from_dict(entry)
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BaselineError(f"baseline {path}: entry {nodeid!r} is malformed: {what}") from None
     torch_version = data.get("torch_version")
     return Baseline(data["backend"], data["device"], entries,
                     torch_version if isinstance(torch_version, str) else None, path)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: object, array, string, number, true/false, null."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def check_compatible(baseline: Baseline, backend: str, device: str, allow_mismatch: bool = False) -> None:
@@ -270,32 +292,37 @@ def check_compatible(baseline: Baseline, backend: str, device: str, allow_mismat
 
 def save_baseline_atomic(
     path: str | os.PathLike[str],
-    records: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
+    records: Iterable[TestRecord],
     *,
     backend: str,
     device: str,
-    merge_with: Baseline | None = None,
-    torch_version: str | None = None,
+    replace_other: bool = False,
 ) -> Baseline:
-    """Write a baseline of every record with a report; entries of ``merge_with`` not re-measured are kept.
+    """Save every measured record into the baseline at ``path``, merged with what the file holds now.
 
-    Written to a temp file in the same folder and moved into place, so an existing baseline is never
-    half-written or lost. Keys sorted, indent 2, trailing newline, no timestamps: diffs show real changes.
+    Under a lock on the folder the file is read again, its entries of tests not re-measured are kept,
+    and the result replaces it atomically: two runs saving at once (``-k sgd`` and ``-k adam``) keep
+    both sets, and the file is never half-written. A file saved on another backend or device is
+    refused (BaselineError) unless ``replace_other``; keys sorted, no timestamps, so diffs show real changes.
     """
-    rows = list(records.values()) if isinstance(records, Mapping) else list(records)
-    entries = dict(merge_with.entries) if merge_with is not None else {}
-    for record in rows:
-        report = record.get("report")
-        if report:
-            entries[record["nodeid"]] = BaselineEntry.from_report(report)
-            torch_version = torch_version or _get(report, "torch_version")
-    baseline = Baseline(backend, device, entries, torch_version, Path(path))
-    write_json_atomic(path, baseline.to_dict(), sort_keys=True)
+    measured = {r.nodeid: r.report for r in records if r.report is not None}
+    with folder_lock(path):
+        entries: dict[str, BaselineEntry] = {}
+        if os.path.lexists(path):
+            current = load_baseline(path)
+            if (current.backend, current.device) == (backend, device):
+                entries.update(current.entries)
+            elif not replace_other:
+                raise BaselineError(
+                    f"baseline {path} not overwritten: it holds backend {current.backend!r}, device "
+                    f"{current.device!r}, this run measured {backend!r}, {device!r}; use another path, delete it, "
+                    f"or pass --gpumem-allow-baseline-mismatch to replace it"
+                )
+        entries.update({nodeid: BaselineEntry.from_report(report) for nodeid, report in measured.items()})
+        torch_version = next((str(r.torch_version) for r in measured.values()), None)
+        baseline = Baseline(backend, device, entries, torch_version, Path(path))
+        write_json_atomic(path, baseline.to_dict(), sort_keys=True)
     return baseline
-
-
-def _get(report: Any, key: str) -> Any:
-    return report.get(key) if isinstance(report, Mapping) else getattr(report, key, None)
 
 
 # --------------------------------------------------------------------------- the check
@@ -347,7 +374,7 @@ class Finding:
 def _format_like(delta: int, reference: int) -> str:
     """A signed change in the unit ``format_bytes`` picks for ``reference``, so '1.20 MiB -> 1.50 MiB (+0.30 MiB'."""
     unit = format_bytes(reference).split()[-1]
-    size = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+    size = UNITS[unit]
     if size == 1 or abs(delta) >= size or abs(delta) * 200 < size:  # "+0.00 MiB" would hide the change
         return format_bytes(delta, signed=True)
     return f"{delta / size:+.2f} {unit}"
@@ -403,8 +430,8 @@ class RegressionResult:
         }
 
 
-def check_regression(nodeid: str, report: Any, baseline: Baseline, spec: RegressionSpec) -> RegressionResult:
-    """Compare one test's report (``StepReport`` or its dict) with its baseline entry under ``spec``."""
+def check_regression(nodeid: str, report: StepReport, baseline: Baseline, spec: RegressionSpec) -> RegressionResult:
+    """Compare one test's measurement with its baseline entry under ``spec``."""
     saved = baseline.entries.get(nodeid)
     if saved is None:
         return RegressionResult(nodeid, baseline.name, missing=True)

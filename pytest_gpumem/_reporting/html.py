@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .._core.categories import CATEGORIES
+from .._core.records import TestRecord
+from .._core.results import split_to_dict
+from .._core.units import IEC_UNITS, format_bytes
 from .atomic_files import write_text_atomic
-from .._core.units import format_bytes
 
 #: One colour per category (Okabe-Ito, readable with colour-blindness), in canonical category order.
 COLORS: dict[str, str] = {
@@ -44,18 +46,6 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _budget_total(record: Mapping[str, Any]) -> int | None:
-    budget = record.get("budget") or {}
-    total = budget.get("total_bytes")
-    return int(total) if total is not None else None
-
-
-def _estimate_peak(record: Mapping[str, Any]) -> int | None:
-    estimate = record.get("estimate") or {}
-    peak = estimate.get("peak_bytes")
-    return int(peak) if peak is not None else None
-
-
 def _stack(split: Mapping[str, int]) -> list[tuple[str, int]]:
     """The non-zero categories of a split, in canonical order."""
     return [(c.value, int(split.get(c.value, 0))) for c in CATEGORIES if split.get(c.value, 0)]
@@ -76,7 +66,7 @@ def legend_html() -> str:
     return f'<ul class="legend">{"".join(items)}</ul>'
 
 
-def overview_svg(records: Sequence[Mapping[str, Any]], *, width: int = 1100) -> str:
+def overview_svg(records: Sequence[TestRecord], *, width: int = 1100) -> str:
     """Stacked bars of the peak split, one row per test, each scaled to its own max(peak, budget, estimate)."""
     label_w, text_w, row_h, bar_h, top = 330, 230, 34, 18, 8
     bar_w = width - label_w - text_w
@@ -84,19 +74,20 @@ def overview_svg(records: Sequence[Mapping[str, Any]], *, width: int = 1100) -> 
     out = [f'<svg class="overview" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="peak per test by category">']
     for i, record in enumerate(records):
-        report = record["report"]
-        peak, budget, estimate = int(report["peak_bytes"]), _budget_total(record), _estimate_peak(record)
+        report = record.report
+        assert report is not None
+        peak, budget, estimate = report.peak, record.budget_total, record.estimate_peak
         shown = _on_scale(budget, max(peak, estimate or 0))
         scale = bar_w / (max(peak, shown or 0, estimate or 0, 1) * 1.05)
         y = top + i * row_h
         by = y + (row_h - bar_h) / 2
-        nodeid = record["nodeid"]
+        nodeid = record.nodeid
         label = nodeid if len(nodeid) <= 46 else "\u2026" + nodeid[-45:]
         out.append(f'<g class="bar" data-nodeid="{_e(nodeid)}"><title>{_e(nodeid)}</title>')
         out.append(f'<text x="{label_w - 8}" y="{by + bar_h - 4}" font-size="12" text-anchor="end">{_e(label)}</text>')
         out.append(f'<rect x="{label_w}" y="{by}" width="{bar_w}" height="{bar_h}" fill="#f3f3f3"/>')
         x = float(label_w)
-        for cat, nbytes in _stack(report["peak_split"]):
+        for cat, nbytes in _stack(split_to_dict(report.peak_split)):
             w = nbytes * scale
             out.append(f'<rect class="segment" data-category="{cat}" x="{x:.2f}" y="{by}" width="{w:.2f}" '
                        f'height="{bar_h}" fill="{COLORS[cat]}"><title>{cat}: {format_bytes(nbytes)}</title></rect>')
@@ -125,18 +116,19 @@ def _nice_ticks(top: float, count: int = 4) -> list[tuple[float, str]]:
     """(bytes, label) ticks from 0 to ``top`` at round steps of a binary unit: 0, 512 KiB, 1 MiB, ..."""
     if top <= 0:
         return [(0.0, "0 B")]
-    unit, size = next(((u, z) for u, z in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= z), ("B", 1))
+    unit, size = next(((u, z) for u, z in IEC_UNITS if top >= z and u != "TiB"), ("B", 1))
     raw = top / size / count
     mag = 10.0 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     return [(i * step * size, f"{i * step:g} {unit}" if i else "0") for i in range(int(top / size // step) + 1)]
 
 
-def timeline_svg(record: Mapping[str, Any], *, width: int = 1100, height: int = 260) -> str:
+def timeline_svg(record: TestRecord, *, width: int = 1100, height: int = 260) -> str:
     """Per-phase bars for each step: the peak split stacked by category, retained as a dashed step line."""
-    report = record["report"]
+    assert record.report is not None
+    report = record.report.to_dict()  # the plain figures, as the JSON document has them
     slots = [(step, ps) for step in report["steps"] for ps in step["phases"]]
-    budget = _budget_total(record)
+    budget = record.budget_total
     left, right, top, bottom = 80, 20, 26, 46
     plot_w, plot_h = width - left - right, height - top - bottom
     highest = max([int(ps["peak_bytes"]) for _, ps in slots] + [1])
@@ -147,7 +139,7 @@ def timeline_svg(record: Mapping[str, Any], *, width: int = 1100, height: int = 
     bar_w = slot_w * 0.62
     base = top + plot_h
     out = [f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="per-phase memory of {_e(record["nodeid"])}">']
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="per-phase memory of {_e(record.nodeid)}">']
     for tick, label in _nice_ticks(ymax):
         ty = base - tick * sy
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{ty:.2f}" y2="{ty:.2f}" stroke="#e5e5e5"/>')
@@ -191,45 +183,44 @@ def timeline_svg(record: Mapping[str, Any], *, width: int = 1100, height: int = 
     return "".join(out)
 
 
-def _summary_table(records: Sequence[Mapping[str, Any]]) -> str:
+def _summary_table(records: Sequence[TestRecord]) -> str:
     """One row per test: outcome, peak, budget use, estimate, max batch."""
     head = ("<tr><th class='id'>test</th><th>outcome</th><th>backend</th><th>peak</th><th>peak phase</th>"
             "<th>budget</th><th>used</th><th>estimate</th><th>estimate / peak</th><th>max batch</th></tr>")
     rows = []
     for r in records:
-        report = r.get("report") or {}
-        peak = report.get("peak_bytes")
-        budget, estimate = _budget_total(r), _estimate_peak(r)
+        report = r.report
+        peak = report.peak if report is not None else None
+        budget, estimate = r.budget_total, r.estimate_peak
         used = "" if budget is None or peak is None or not budget else f"{peak / budget * 100:.1f}%"
         cls = "over" if budget is not None and peak is not None and peak > budget else ""
         ratio = "" if estimate is None or not peak else f"{estimate / peak:.2f}x"
         cells = [
-            f"<td class='id'>{_e(r['nodeid'])}</td>", f"<td>{_e(r.get('outcome') or '')}</td>",
-            f"<td>{_e(report.get('backend', ''))}</td>",
+            f"<td class='id'>{_e(r.nodeid)}</td>", f"<td>{_e(r.outcome)}</td>",
+            f"<td>{_e(report.backend if report is not None else '')}</td>",
             f"<td>{format_bytes(peak) if peak is not None else 'not measured'}</td>",
-            f"<td>{_e(report.get('peak_phase', ''))}</td>",
+            f"<td>{_e(report.peak_phase.value if report is not None else '')}</td>",
             f"<td>{format_bytes(budget) if budget is not None else ''}</td>", f"<td class='{cls}'>{used}</td>",
             f"<td>{format_bytes(estimate) if estimate is not None else ''}</td>", f"<td>{ratio}</td>",
-            f"<td>{_e(r.get('max_batch') if r.get('max_batch') is not None else '')}</td>",
+            f"<td>{_e(r.max_batch if r.max_batch is not None else '')}</td>",
         ]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table class='summary'>{head}{''.join(rows)}</table>"
 
 
 def render_html(
-    records: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
+    records: Iterable[TestRecord],
     *,
     title: str = "pytest-gpumem report",
     regressions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The whole report as one HTML string: summary table, overview bars, a timeline per test; no external assets."""
-    rows = list(records.values()) if isinstance(records, Mapping) else list(records)
-    rows.sort(key=lambda r: r["nodeid"])
-    measured = [r for r in rows if r.get("report")]
+    rows = sorted(records, key=lambda r: r.nodeid)
+    measured = [r for r in rows if r.report is not None]
     regressions = regressions or {}
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='generator' content='pytest-gpumem'>",
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1><p class='meta'>{len(measured)} measured of {len(rows)} tests &middot; {created}</p>",
         _summary_table(rows),
@@ -243,21 +234,25 @@ def render_html(
         "<p class='note'>Bars: peak of each phase by category; dashed line: bytes retained when the phase ended.</p>",
     ]
     for r in measured:
-        report = r["report"]
-        parts.append(f"<section class='test' data-nodeid='{_e(r['nodeid'])}'><h3>{_e(r['nodeid'])}</h3>")
-        parts.append(f"<p class='meta'>{_e(report.get('backend'))} &middot; {_e(report.get('device'))} &middot; "
-                     f"torch {_e(report.get('torch_version'))}</p>")
-        message = (regressions.get(r["nodeid"]) or {}).get("message")
+        report = r.report
+        assert report is not None
+        parts.append(f"<section class='test' data-nodeid='{_e(r.nodeid)}'><h3>{_e(r.nodeid)}</h3>")
+        parts.append(f"<p class='meta'>{_e(report.backend)} &middot; {_e(report.device)} &middot; "
+                     f"torch {_e(report.torch_version)}</p>")
+        if r.leak_bytes:
+            parts.append(f"<p class='fail'>{format_bytes(r.leak_bytes)} measured in this test was still allocated "
+                         f"after it ended</p>")
+        message = (regressions.get(r.nodeid) or {}).get("message")
         if message:
             parts.append(f"<p class='fail'>{_e(message)}</p>")
         parts.append(timeline_svg(r))
-        parts += [f"<p class='note'>{_e(n)}</p>" for n in report.get("notes", ())]
+        parts += [f"<p class='note'>{_e(n)}</p>" for n in report.notes]
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
-def write_html(path: str | os.PathLike[str], records: Any, **kwargs: Any) -> Path:
+def write_html(path: str | os.PathLike[str], records: Iterable[TestRecord], **kwargs: Any) -> Path:
     """Render the report and write it atomically to ``path``."""
     text = render_html(records, **kwargs)
     return write_text_atomic(path, lambda stream: stream.write(text))

@@ -1,17 +1,20 @@
-"""The machine-readable results document (--gpumem-json): schema header, session info, every figure per test."""
+"""The machine-readable results document (--gpumem-json)."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from .._core.records import TestRecord
 
 SCHEMA = "pytest-gpumem/results"
 VERSION = 1
 
-Record = Mapping[str, Any]
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
@@ -49,22 +52,12 @@ def collect_session_info(rootdir: str | os.PathLike[str] | None = None) -> dict[
     return info
 
 
-def phase_peaks(report: Mapping[str, Any]) -> dict[str, int]:
-    """The peak of each phase over all steps of a ``StepReport.to_dict()``, in phase order."""
-    peaks: dict[str, int] = {}
-    for step in report.get("steps", ()):
-        for stats in step["phases"]:
-            name = stats["phase"]
-            peaks[name] = max(peaks.get(name, 0), int(stats["peak_bytes"]))
-    return peaks
-
-
-def results_entry(record: Record, regression: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def results_entry(record: TestRecord, regression: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One test's figures, flattened for readers, with the full report kept under "report"."""
-    report = record.get("report")
+    report = record.report.to_dict() if record.report is not None else None
     entry: dict[str, Any] = {
-        "nodeid": record["nodeid"],
-        "outcome": record.get("outcome"),
+        "nodeid": record.nodeid,
+        "outcome": record.outcome,
         "backend": None,
         "device": None,
         "torch_version": None,
@@ -75,28 +68,30 @@ def results_entry(record: Record, regression: Mapping[str, Any] | None = None) -
         "peak_split": None,
         "category_peaks": None,
         "phase_peaks": None,
-        "budget": record.get("budget"),
-        "estimate": record.get("estimate"),
-        "max_batch": record.get("max_batch"),
+        "budget": record.budget.to_dict() if record.budget is not None else None,
+        "estimate": dict(record.estimate) if record.estimate is not None else None,
+        "max_batch": record.max_batch,
+        "measurements": record.measurements,
+        "leak_bytes": record.leak_bytes,
+        "plugin_error": record.plugin_error,
         "regression": dict(regression) if regression is not None else None,
         "report": report,
     }
-    if report:
+    if record.report is not None and report is not None:
         for key in ("backend", "device", "torch_version", "cuda_version", "peak_bytes", "peak_phase",
                     "reserved_peak_bytes", "peak_split", "category_peaks"):
             entry[key] = report.get(key)
-        entry["phase_peaks"] = phase_peaks(report)
+        entry["phase_peaks"] = {p.value: v for p, v in record.report.phase_peaks().items()}
     return entry
 
 
 def build_results_document(
-    records: Iterable[Record] | Mapping[str, Record],
+    records: Iterable[TestRecord],
     *,
     session_info: Mapping[str, Any],
     regressions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The --gpumem-json document: schema header, session info, one entry per test sorted by nodeid."""
-    rows = list(records.values()) if isinstance(records, Mapping) else list(records)
     regressions = regressions or {}
-    tests = [results_entry(r, regressions.get(r["nodeid"])) for r in sorted(rows, key=lambda r: r["nodeid"])]
+    tests = [results_entry(r, regressions.get(r.nodeid)) for r in sorted(records, key=lambda r: r.nodeid)]
     return {"schema": SCHEMA, "version": VERSION, "session": dict(session_info), "tests": tests}

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._measure.allocator import CachingAllocatorModel, replay_allocations
+from .._core.categories import estimate_device
 from .._core.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def _estimate(model_or_factory, optimizer_factory, make_batch, batch_size, *, ba
 
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     inputs, target = make_batch(batch_size)
-    device = "cpu" if backend == "cpu" else "cuda"
+    device = estimate_device(backend)
     estimate = estimate_step(model, optimizer_factory(model.parameters()), inputs, target=target,
                              loss_fn=loss_fn, device=device, steps=steps)
     return Probe(batch_size, ((0, "estimate/peak", int(estimate.peak)),), int(estimate.peak), lambda n: n)

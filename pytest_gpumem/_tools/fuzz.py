@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from .._compat import set_hypothesis_digest
+from .._core.categories import estimate_device
 from .._core.units import format_bytes, format_percent, parse_bytes
 
 __all__ = ["fuzz", "FuzzCase", "FuzzFailure", "FuzzResult"]
@@ -166,7 +167,7 @@ def fuzz(
         raise InvalidArgument(f"rtol={rtol!r} must be >= 0")
     limit = parse_bytes(budget) if budget is not None else None
     backend = resolve_backend_name(backend)
-    device = "cpu" if backend == "cpu" else "cuda"
+    device = estimate_device(backend)
     estimate = estimate or estimate_step
     cases = _cases(make_model, model_args, batch_sizes, optimizer if optimizer is not None else _default_optimizers())
     result = FuzzResult()
