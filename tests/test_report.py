@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from gpumem_factories import make_report
 from pytest_gpumem._core.categories import CATEGORIES, Category
-from pytest_gpumem._reporting.tables import _SHORT, STEP_LEGEND, SummaryRow, render_table, step_table, summary_table
 from pytest_gpumem._core.units import format_bytes
 from pytest_gpumem._core.text_table import render_table
 from pytest_gpumem._reporting.tables import _SHORT, STEP_LEGEND, SummaryRow, step_table, summary_table
