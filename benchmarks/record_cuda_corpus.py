@@ -228,15 +228,15 @@ def record_all(names: list[str], out: Path, device: str, jobs: int, timeout: flo
         return list(pool.map(one, names))
 
 
-def write_index(out: Path, results: list[dict[str, Any]], device: str) -> Path:
+def write_index(out: Path, results: list[dict[str, Any]], device: str, max_events: int) -> Path:
     """index.json beside the files: the entries of this run replace those of the same name."""
-    from corpus_format import FORMAT, MAX_EVENTS, write_json
+    from corpus_format import FORMAT, write_json
 
     path = out / "index.json"
     old = json.loads(path.read_text()).get("configs", []) if path.exists() else []
     fresh = {r["name"] for r in results}
     configs = sorted([c for c in old if c["name"] not in fresh] + results, key=lambda c: c["name"])
-    write_json(path, {"format": FORMAT, "device": device, "max_events_per_file": MAX_EVENTS,
+    write_json(path, {"format": FORMAT, "device": device, "max_events_per_file": max_events,
                       "updated_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "record_command": "python benchmarks/record_cuda_corpus.py", "configs": configs})
     return path
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no configuration name contains {args.only!r} (see --list)")
     print(f"recording {len(names)} configurations on {args.device} into {out} ({args.jobs} at a time)", flush=True)
     results = record_all(names, out, args.device, args.jobs, args.timeout, args.budget, max_events)
-    index = write_index(out, results, args.device)
+    index = write_index(out, results, args.device, max_events)
     bad = [r for r in results if r["status"] != "ok"]
     for r in bad:
         print(f"{r['name']}: {r['status']}\n    " + "\n    ".join(r.get("output", [])))
