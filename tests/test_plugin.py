@@ -88,8 +88,15 @@ def _inner(pytester: pytest.Pytester, body: str, **extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def expected():
-    """What the emulated backend measures for the inner tests' step."""
-    return measure_step(*_NS["make_step"]("cpu"), backend="emulated")
+    """What the emulated backend measures for the inner tests' step, anchored to its closed-form figures."""
+    report = measure_step(*_NS["make_step"]("cpu"), backend="emulated")
+    # Linear(32, 64) + Linear(64, 4) in fp32: (32*64 + 64 + 64*4 + 4) * 4 B = 2372 * 4 = 9488 B of params, as much
+    # of grads and of SGD momentum buffers; the batch is 16 x 32 fp32 = 2048 B
+    split = {c.value: report.category_peak(c) for c in CATEGORIES}
+    assert (split["params"], split["grads"], split["optimizer"], split["batch"]) == (9488, 9488, 9488, 2048)
+    # allocated bytes are whole 512-B blocks: the weights take 8192 and 1024 B, each bias one 512-B block
+    assert report.peak % 512 == 0 and report.peak >= 3 * (8192 + 1024 + 2 * 512) + 2048
+    return report
 
 
 def _mix(report) -> str:
