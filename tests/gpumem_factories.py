@@ -1,7 +1,10 @@
-"""Build StepReports and plugin-style test records from category sizes, for baseline/JSON/HTML tests."""
+"""Shared test builders: small models (one ``mlp``), and StepReports / plugin-style records from category sizes."""
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
 
 from pytest_gpumem._core.budget import Budget
 from pytest_gpumem._core.categories import PHASES, Category, Phase
@@ -9,6 +12,17 @@ from pytest_gpumem._core.records import TestRecord
 from pytest_gpumem._core.results import PhaseStats, StepMeasurement, StepReport
 
 C = Category
+
+
+def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 8, *, frozen_first: bool = False, seed: int | None = None,
+        device: torch.device | str | None = None) -> nn.Sequential:
+    """Linear(d_in, hidden) -> ReLU -> Linear(hidden, d_out): (d_in + 1) * hidden + (hidden + 1) * d_out parameters."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    if frozen_first:
+        model[0].requires_grad_(False)
+    return model.to(device) if device is not None else model
 
 
 def _phase_splits(step: int, sizes: dict[Category, int]) -> dict[Phase, tuple[dict, dict]]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpumem_factories import mlp
 from pytest_gpumem import Category, Phase, measure_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -22,8 +23,8 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 _RECORDED: dict[str, dict] = {}
 
 
-def mlp():
-    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
+def mlp_512():
+    return mlp(512, 1024, 10)
 
 
 def cnn_bn_dropout():
@@ -39,7 +40,7 @@ def resnet18():
 
 
 CASES = {
-    "mlp": (mlp, (64, 512)),
+    "mlp": (mlp_512, (64, 512)),
     "cnn_bn_dropout": (cnn_bn_dropout, (32, 3, 32, 32)),
     "resnet18": (resnet18, (16, 3, 64, 64)),
 }

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpumem_factories import mlp
 from pytest_gpumem._emulation import (
     SUBSTITUTIONS,
     EmulatedGradScaler,
@@ -222,8 +223,8 @@ def test_vit_b_16_trains_on_meta_without_attention_matrices():
 
 
 # ------------------------------------------------------------------------------------- autocast
-def mlp():
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(META)
+def meta_mlp():
+    return mlp(32, 64, 8, device=META)
 
 
 class CastRecorder(TorchDispatchMode):
@@ -241,7 +242,7 @@ class CastRecorder(TorchDispatchMode):
 
 
 def test_autocast_cuda_runs_linear_in_fp16_and_caches_weight_copies_until_exit():
-    model, x = mlp(), torch.ones(16, 32, device=META)
+    model, x = meta_mlp(), torch.ones(16, 32, device=META)
     params = sorted(tuple(p.shape) for p in model.parameters())
     with cuda_semantics(), CastRecorder() as casts:
         with torch.autocast("cuda"):
@@ -258,7 +259,7 @@ def test_autocast_cuda_runs_linear_in_fp16_and_caches_weight_copies_until_exit()
 
 
 def test_autocast_saves_fp16_activations_for_linear_layers():
-    model, x = mlp(), torch.ones(16, 32, device=META)
+    model, x = meta_mlp(), torch.ones(16, 32, device=META)
     with cuda_semantics(), torch.autocast("cuda"):
         _, kept = saved(lambda: model(x))
     assert {t.dtype for t in kept} == {torch.float16}  # linear inputs, relu output, weight copies
@@ -266,7 +267,7 @@ def test_autocast_saves_fp16_activations_for_linear_layers():
 
 
 def test_autocast_without_cache_frees_weight_copies_with_the_graph():
-    model, x = mlp(), torch.ones(16, 32, device=META)
+    model, x = meta_mlp(), torch.ones(16, 32, device=META)
     with cuda_semantics(), CastRecorder() as casts, torch.autocast("cuda", cache_enabled=False):
         out = model(x)
         assert len(casts.casts) == 5
@@ -295,7 +296,7 @@ def test_autocast_policies_follow_the_cuda_lists():
 
 
 def test_emulated_autocast_works_on_its_own_and_cleans_up():
-    model, x = mlp(), torch.ones(16, 32, device=META)
+    model, x = meta_mlp(), torch.ones(16, 32, device=META)
     with CastRecorder() as casts:
         with emulated_autocast(torch.bfloat16):
             assert model(x).dtype is torch.bfloat16
@@ -315,7 +316,7 @@ def test_autocast_cuda_stays_disabled_outside_cuda_semantics():
 
 # ------------------------------------------------------------------------------------- GradScaler
 def test_emulated_grad_scaler_runs_a_full_step_on_meta():
-    model = mlp()
+    model = meta_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = EmulatedGradScaler("cuda", init_scale=8.0, growth_interval=2)
     assert scaler.is_enabled()
@@ -335,7 +336,7 @@ def test_emulated_grad_scaler_runs_a_full_step_on_meta():
 
 
 def test_torch_grad_scaler_is_enabled_and_steps_inside_cuda_semantics():
-    model = mlp()
+    model = meta_mlp()
     opt = torch.optim.Adam(model.parameters())
     with cuda_semantics():
         scaler = torch.amp.GradScaler("cuda")

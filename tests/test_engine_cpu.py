@@ -7,13 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from gpumem_factories import mlp
 from pytest_gpumem import Category, Phase, measure_step
 
 F32 = 4
-
-
-def mlp(d_in=32, hidden=24, d_out=5):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
 def cnn(channels=6, side=8, classes=5):
@@ -24,7 +21,7 @@ def cnn(channels=6, side=8, classes=5):
 
 
 MODELS = {
-    "mlp": (mlp, lambda n: torch.randn(n, 32)),
+    "mlp": (lambda: mlp(32, 24, 5), lambda n: torch.randn(n, 32)),
     "cnn": (cnn, lambda n: torch.randn(n, 3, 8, 8)),
 }
 OPTIMIZERS = {

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpumem_factories import mlp
 from pytest_gpumem import Category, Phase, StepFailed, measure_step
 from pytest_gpumem._measure.allocator import SMALL_SEGMENT, round_allocation
 from pytest_gpumem._measure.backends import make_backend
@@ -18,8 +19,8 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def mlp():
-    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10))
+def mlp_128():
+    return mlp(128, 256, 10)
 
 
 def cnn_bn_dropout(channels=8, side=16, p=0.25):
@@ -47,7 +48,7 @@ def make(make_model, shape, optimizer="adamw", **opt_kwargs):
 # -- closed forms ------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
 def test_categories_equal_closed_form_sums(optimizer):
-    model, opt, x, y = make(mlp, (16, 128), optimizer)
+    model, opt, x, y = make(mlp_128, (16, 128), optimizer)
     params = list(model.parameters())
     report = measure_step(model, opt, x, target=y, backend="emulated")
     p = nbytes(params)
@@ -68,14 +69,14 @@ def test_categories_equal_closed_form_sums(optimizer):
 
 
 def test_reserved_is_whole_segments_and_covers_the_peak():
-    report = measure_step(*make(mlp, (16, 128))[:3], backend="emulated")
+    report = measure_step(*make(mlp_128, (16, 128))[:3], backend="emulated")
     assert report.reserved_peak is not None
     assert report.reserved_peak >= report.peak
     assert report.reserved_peak % SMALL_SEGMENT == 0
 
 
 def test_the_users_objects_are_not_touched():
-    model, opt, x, y = make(mlp, (16, 128))
+    model, opt, x, y = make(mlp_128, (16, 128))
     before = [p.detach().clone() for p in model.parameters()]
     measure_step(model, opt, x, target=y, backend="emulated")
     assert all(p.device.type == "cpu" and p.grad is None for p in model.parameters())
@@ -91,7 +92,7 @@ def dropout_elements(model, shape) -> int:
 
 
 CASES = {
-    "mlp": (mlp, (16, 128)),
+    "mlp": (mlp_128, (16, 128)),
     "cnn_bn_dropout": (cnn_bn_dropout, (8, 3, 16, 16)),
     "resnet18": (resnet18, (4, 3, 64, 64)),
 }

@@ -15,7 +15,7 @@ from pytest_gpumem.strategies import CNNConfig, MLPConfig, TransformerConfig
 step = pytest.importorskip("pytest_gpumem._measure.step")
 
 
-def mlp():
+def mnist_step():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)), \
         (torch.randn(32, 1, 28, 28),), torch.randint(0, 10, (32,))
 
@@ -38,7 +38,7 @@ def transformer():
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), (torch.randn(4, 16, 32),), None
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "resnet18": resnet18, "transformer": transformer}
+MODELS = {"mlp": mnist_step, "cnn": cnn, "resnet18": resnet18, "transformer": transformer}
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p),
@@ -61,7 +61,7 @@ def test_estimate_matches_cpu_measurement(model_name, opt_name):
 
 
 def test_set_to_none_false_keeps_grads_through_the_steady_step():
-    model, batch, target = mlp()
+    model, batch, target = mnist_step()
     est = estimate_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, target=target, device="cpu",
                         set_to_none=False)
     rep = step.measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, target=target,
@@ -162,7 +162,7 @@ def test_compare_names_the_layers_when_activations_differ():
 
 
 def test_estimate_is_a_frozen_dataclass_with_to_dict_and_table():
-    model, batch, target = mlp()
+    model, batch, target = mnist_step()
     est = estimate_step(model, torch.optim.Adam(model.parameters()), batch, target=target)
     assert isinstance(est, Estimate)
     with pytest.raises(Exception):
@@ -263,7 +263,7 @@ def test_attention_saves_output_and_logsumexp_not_the_score_matrix():
 
 # cnn was +4.0%: the peak model put the fp32 grads of autocast's weight copies beside the call's saves and
 # output grad; the kernels free those first, then cast each bf16 weight grad back (now +0.01%).
-@pytest.mark.parametrize("make,rtol", [(mlp, 0.02), (cnn, 0.02)], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("make,rtol", [(mnist_step, 0.02), (cnn, 0.02)], ids=["mlp", "cnn"])
 def test_autocast_bf16_matches_cpu_measurement(make, rtol):
     """Linear/Conv save bf16 copies of x and of the weight (autocast's cache) under autocast: traced, not
     the fp32 formula; activations and peak agree with torch.autocast("cpu", bfloat16)."""

@@ -46,10 +46,10 @@ def test_grad_scaler_and_fp16_autocast_match_the_emulated_step(opt_name):
     """scaler=True mirrors measure_step's GradScaler: scale + growth tracker kept, the scaled loss in backward,
     unscale_'s scalars in the optimizer phase. The fp16 weight copies' grads sit beside the fp32 grads they
     are cast to (the estimate was 9.4% under the fp16 MLP's backward peak without that)."""
-    from test_estimate import mlp
+    from test_estimate import mnist_step
 
     torch.manual_seed(0)
-    model, batch, target = mlp()
+    model, batch, target = mnist_step()
     amp = {"autocast_dtype": torch.float16, "scaler": True}
     rep = measure_step(model, OPTIMIZERS[opt_name](model.parameters()), batch, target=target, backend="emulated",
                        **amp)

@@ -1,4 +1,4 @@
-"""End to end through pytest: --gpumem-save-baseline, --gpumem-baseline gating, JSON, HTML, ini keys, xdist."""
+"""End to end through pytest: --gpumem-save-baseline, --gpumem-baseline gating, JSON, HTML, ini keys (xdist: tests/test_xdist.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -95,14 +95,3 @@ def test_other_backend_baseline_is_refused_unless_allowed(project: pytest.Pytest
     allowed = project.runpytest(*BASE, "--gpumem-baseline=base.json", "--gpumem-fail-regression=+1GiB",
                                 "--gpumem-allow-baseline-mismatch")
     allowed.assert_outcomes(passed=2)
-
-
-def test_xdist_controller_writes_everything_once(pytester: pytest.Pytester) -> None:
-    pytest.importorskip("xdist")
-    pytester.makepyfile(test_m=TEST_FILE.replace("def test_mlp(", "@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_mlp(n, "))
-    result = pytester.runpytest_subprocess(*BASE, "-n", "2", "--gpumem-save-baseline=base.json", "--gpumem-json=r.json")
-    result.assert_outcomes(passed=4)
-    saved = json.loads((pytester.path / "base.json").read_text())
-    assert sorted(saved["tests"]) == [f"test_m.py::test_mlp[{n}]" for n in (1, 2, 3)]
-    assert len(json.loads((pytester.path / "r.json").read_text())["tests"]) == 3
-    assert sorted(p.name for p in pytester.path.iterdir() if p.suffix in (".json", ".tmp")) == ["base.json", "r.json"]

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from gpumem_factories import mlp
 from pytest_gpumem import Category, measure_step
 
 mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
 
 
-def mlp():
-    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10))
+def mlp_128():
+    return mlp(128, 256, 10)
 
 
 def cnn():
@@ -27,8 +28,8 @@ def cnn():
 
 
 CASES = {
-    "mlp-adamw": (mlp, (16, 128), lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
-    "mlp-sgd-momentum": (mlp, (16, 128), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    "mlp-adamw": (mlp_128, (16, 128), lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+    "mlp-sgd-momentum": (mlp_128, (16, 128), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
     "cnn-adam": (cnn, (8, 3, 16, 16), lambda ps: torch.optim.Adam(ps, lr=1e-3)),
     "cnn-sgd": (cnn, (8, 3, 16, 16), lambda ps: torch.optim.SGD(ps, lr=0.1)),
 }

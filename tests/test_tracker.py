@@ -10,19 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gpumem_factories import mlp
 from pytest_gpumem import Category, Phase, measure_step, track
 from pytest_gpumem._measure.allocator import round_allocation
 from pytest_gpumem._measure.tracker import StorageTracker
 
 F32 = 4
-
-
-def mlp(d_in=64, hidden=32, d_out=8, *, frozen_first=False):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
-    if frozen_first:
-        model[0].requires_grad_(False)
-    return model
 
 
 def param_bytes(params):
@@ -158,8 +151,8 @@ def test_replayed_peak_is_the_running_maximum(ops):
 # -- through a training step -----------------------------------------------------------------
 def test_zero_grad_set_to_none_false_keeps_the_grads_set_to_none_frees_them():
     x = torch.randn(16, 64)
-    kept = measure_step(m := mlp(), torch.optim.SGD(m.parameters(), lr=0.1), x, backend="cpu", set_to_none=False)
-    freed = measure_step(m := mlp(), torch.optim.SGD(m.parameters(), lr=0.1), x, backend="cpu", set_to_none=True)
+    kept = measure_step(m := mlp(64, 32, 8, seed=0), torch.optim.SGD(m.parameters(), lr=0.1), x, backend="cpu", set_to_none=False)
+    freed = measure_step(m := mlp(64, 32, 8, seed=0), torch.optim.SGD(m.parameters(), lr=0.1), x, backend="cpu", set_to_none=True)
     grads = param_bytes(m.parameters())
     for step in kept.steps:
         assert step.phases[Phase.ZERO_GRAD].retained_split[Category.GRADS] == grads
@@ -171,7 +164,7 @@ def test_zero_grad_set_to_none_false_keeps_the_grads_set_to_none_frees_them():
 @pytest.mark.parametrize("retain_graph", [False, True])
 def test_retain_graph_keeps_the_activations(retain_graph):
     batch, hidden = 16, 32
-    model = mlp(hidden=hidden)
+    model = mlp(64, hidden, 8, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(batch, 64)
     with track(model, optimizer, x, backend="cpu") as tracking:
@@ -189,7 +182,7 @@ def test_retain_graph_keeps_the_activations(retain_graph):
 
 
 def test_frozen_parameters_have_no_grads():
-    model = mlp(frozen_first=True)
+    model = mlp(64, 32, 8, seed=0, frozen_first=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     report = measure_step(model, torch.optim.SGD(trainable, lr=0.1), torch.randn(16, 64), backend="cpu")
     assert report.category_peak(Category.GRADS) == param_bytes(trainable) == (32 * 8 + 8) * F32
@@ -231,7 +224,7 @@ def test_checkpoint_stores_fewer_activations():
 
 def test_autocast_on_the_cpu_backend_saves_bfloat16_activations():
     batch, d_in, hidden, d_out = 16, 64, 32, 8
-    model = mlp(d_in, hidden, d_out)
+    model = mlp(d_in, hidden, d_out, seed=0)
     report = measure_step(
         model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(batch, d_in),
         backend="cpu", autocast_dtype=torch.bfloat16,
