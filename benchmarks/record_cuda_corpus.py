@@ -8,6 +8,7 @@ allocator trace of torch.cuda.memory._record_memory_history as JSON (corpus_form
 with the GPU, torch, CUDA and cuDNN versions and the allocator settings.
 
     python benchmarks/record_cuda_corpus.py                  # on a GPU: tests/data/cuda_corpus/*.json.gz + index.json
+                                                             # (pytest_gpumem importable: pip install -e . first)
     python benchmarks/record_cuda_corpus.py --only lm_       # configurations whose name contains 'lm_'
     python benchmarks/record_cuda_corpus.py --device cpu --out /tmp/corpus   # CPU dry run: steps run, no stats
 """
@@ -132,6 +133,7 @@ def record_one(name: str, device: str, stacks: str, max_events: int) -> dict[str
 
     import corpus_configs
     from corpus_format import FORMAT, convert_snapshot
+    from pytest_gpumem import _compat   # the private torch calls, in one checked place
 
     cfg = corpus_configs.get(name)
     cuda = device == "cuda"
@@ -139,8 +141,7 @@ def record_one(name: str, device: str, stacks: str, max_events: int) -> dict[str
         raise RuntimeError("--device cuda needs a GPU: torch.cuda.is_available() is False "
                            "(use --device cpu for a dry run)")
     if cuda:
-        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks=stacks,
-                                                 max_entries=HISTORY_ENTRIES)
+        _compat.record_allocator_trace(HISTORY_ENTRIES, stacks=stacks)
     log = PhaseLog(torch, cuda)
     started = time.perf_counter()
     notes = run_step(torch, cfg, device, log)
@@ -156,8 +157,8 @@ def record_one(name: str, device: str, stacks: str, max_events: int) -> dict[str
     if not cuda:
         return record
     torch.cuda.synchronize()
-    snapshot = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+    snapshot = _compat.allocator_snapshot()
+    _compat.stop_memory_history()
     marks = [p["start"]["counters"] for p in log.phases] + [log.phases[-1]["end"]["counters"]]
     trace = convert_snapshot(snapshot, marks, max_events=max_events)
     for phase, (begin, end) in zip(log.phases, zip(trace.phase_starts, trace.phase_starts[1:])):

@@ -26,6 +26,7 @@ __all__ = [
     "GRAD_SCALER_ATTRIBUTES",
     "TorchDispatchMode",
     "TorchInternalMissing",
+    "allocator_snapshot",
     "amp_availability_patch_target",
     "checks_torch_function",
     "cuda_efficient_attention",
@@ -40,6 +41,7 @@ __all__ = [
     "module_registries",
     "op_returns_nothing",
     "python_op_namespaces",
+    "record_allocator_trace",
     "record_memory_history",
     "running_backward",
     "sequence_nr",
@@ -265,6 +267,18 @@ def record_memory_history(max_entries: int) -> None:
 def stop_memory_history() -> None:
     """Stop recording CUDA allocator history (``_record_memory_history(enabled=None)``)."""
     _require(torch.cuda.memory, "_record_memory_history", "torch.cuda.memory")(enabled=None)
+
+
+def record_allocator_trace(max_entries: int, *, stacks: str = "all") -> None:
+    """Record every allocator action and, for allocations, the stack that asked (``_record_memory_history``
+    with ``context="alloc"``; ``stacks="all"`` adds C++ frames, ``"python"`` keeps Python ones only)."""
+    _require(torch.cuda.memory, "_record_memory_history", "torch.cuda.memory")(
+        enabled="all", context="alloc", stacks=stacks, max_entries=max_entries)
+
+
+def allocator_snapshot() -> dict[str, Any]:
+    """The allocator's segments, recorded trace and settings as plain dicts (``torch.cuda.memory._snapshot``)."""
+    return _require(torch.cuda.memory, "_snapshot", "torch.cuda.memory")()
 
 
 def dump_memory_snapshot(path: str) -> None:

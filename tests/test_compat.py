@@ -197,6 +197,16 @@ def test_memory_history_functions_take_the_arguments_we_pass():
         _moved("torch.cuda.memory._dump_snapshot")
 
 
+def test_allocator_trace_functions_take_our_arguments_and_answer_plain_dicts():
+    """benchmarks/record_cuda_corpus.py records the CUDA corpus through these two (issue 10)."""
+    params = inspect.signature(torch.cuda.memory._record_memory_history).parameters
+    assert {"enabled", "context", "stacks", "max_entries"} <= set(params), \
+        _moved("torch.cuda.memory._record_memory_history")
+    snapshot = _compat.allocator_snapshot()            # answers without a GPU too (empty lists)
+    assert {"segments", "device_traces", "allocator_settings"} <= set(snapshot), _moved("torch.cuda.memory._snapshot")
+    assert "PYTORCH_CUDA_ALLOC_CONF" in snapshot["allocator_settings"], _moved("torch.cuda.memory._snapshot")
+
+
 def test_hypothesis_digest_changes_the_database_key():
     from hypothesis.internal.reflection import function_digest
 
