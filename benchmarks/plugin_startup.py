@@ -39,6 +39,24 @@ def run_once(folder: Path, extra: list[str]) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
+IMPORT_PROBE = (
+    "import sys, time, pytest\n"
+    "start = time.perf_counter()\n"
+    "import pytest_gpumem.plugin\n"
+    "took = time.perf_counter() - start\n"
+    "heavy = sorted(m for m in ('torch', 'hypothesis', 'numpy') if m in sys.modules)\n"
+    "print(took, ','.join(heavy))\n"
+)
+
+
+def plugin_import(repeat: int) -> tuple[float, str]:
+    """Median seconds to import the plugin module after pytest, and which heavy packages it pulled in."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True, check=True)
+            .stdout.split() for _ in range(repeat)]
+    return statistics.median(float(r[0]) for r in runs), (runs[0][1] if len(runs[0]) > 1 else "none")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=9, help="runs of each variant (default 9)")
@@ -65,6 +83,9 @@ def main() -> None:
     print(f"  plugin cost          wall {extra_ms:+7.1f} ms   CPU {extra_cpu_ms:+7.1f} ms   peak RSS {extra_mib:+7.1f} "
           f"MiB   (targets: <= {MAX_EXTRA_SECONDS * 1000:.0f} ms, <= {MAX_EXTRA_MIB:.0f} MiB)")
     # CPU time is what the plugin itself costs; wall time adds whatever else the machine is doing
+    took, heavy = plugin_import(args.repeat)
+    print(f"  import pytest_gpumem.plugin after pytest: {took * 1000:.1f} ms (median); heavy packages it imports: "
+          f"{heavy}")
     within = min(extra_ms, extra_cpu_ms) <= MAX_EXTRA_SECONDS * 1000 and extra_mib <= MAX_EXTRA_MIB
     print("  within targets" if within else "  OVER TARGET")
 
