@@ -82,6 +82,9 @@ class Manager:
             return
         except budgets.BudgetError as exc:
             message = f"{item.nodeid}: invalid {MARKER} marker: {exc}"
+        except Exception as exc:  # a bug reading the marker: this test's error, named as the plugin's
+            message = (f"{item.nodeid}: pytest-gpumem internal error reading the {MARKER} marker: "
+                       f"{type(exc).__name__}: {exc} ({_BUG})")
         pytest.fail(message, pytrace=False)  # outside the except: no "during handling" chain in the report
 
     def state_for(self, item: pytest.Item) -> "TestState":
