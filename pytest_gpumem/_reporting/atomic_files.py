@@ -162,8 +162,13 @@ def probe_folder(folder: Path, *, option: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+def temp_name(target: Path) -> Path:
+    """A fresh temp path beside ``target``: ``.NAME.PID.RANDOM.gpumem-tmp`` (``remove_stale_temps`` knows it)."""
+    return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
 def _create_temp(folder: Path, stem: str) -> tuple[int, str]:
-    name = folder / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    name = temp_name(folder / stem)
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600), str(name)
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .atomic_files import remove_stale_temps, temp_name
+
 #: Allocation events kept by torch while recording (torch's own default is 100000 too).
 MAX_ENTRIES = 100_000
 
@@ -51,10 +53,13 @@ def snapshot_context(directory: str | os.PathLike[str], nodeid: str, *, enabled:
     try:
         yield result
     finally:  # dumped on failure too: an out-of-memory step is when a snapshot matters most
-        partial = target.with_name(target.name + ".tmp")
+        remove_stale_temps(target)  # a dump cut short by a killed run
+        partial = temp_name(target)
         try:
             dump_memory_snapshot(str(partial))
             os.replace(partial, target)
             result.path = target
         finally:
             stop_memory_history()
+            if partial.exists():
+                partial.unlink()
