@@ -24,6 +24,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 __all__ = [
     "AUTOCAST_LISTS_CHECKED",
     "GRAD_SCALER_ATTRIBUTES",
+    "MODULE_CHILDREN_DICT",
+    "MODULE_TENSOR_DICTS",
     "TorchDispatchMode",
     "TorchInternalMissing",
     "allocator_snapshot",
@@ -111,6 +113,11 @@ def running_backward() -> bool:
 def module_registries(module: nn.Module) -> tuple[dict, dict]:
     """``module``'s own parameter and buffer dicts (``_parameters``, ``_buffers``), which it reads by name."""
     return module._parameters, module._buffers
+
+
+#: The keys of an nn.Module's ``__dict__`` holding its parameter and buffer dicts, and its children (torch 1.x .. 2.14).
+MODULE_TENSOR_DICTS = ("_parameters", "_buffers")
+MODULE_CHILDREN_DICT = "_modules"
 
 
 def forward_hook_counts(module: nn.Module) -> tuple[int, int]:

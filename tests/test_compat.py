@@ -69,6 +69,15 @@ def test_module_registries_are_the_dicts_the_module_reads():
     assert "running_mean" in _compat.module_registries(bn)[1], _moved("nn.Module._buffers")
 
 
+def test_module_dict_keys():
+    lin = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    state = vars(lin[0])
+    for key in _compat.MODULE_TENSOR_DICTS:
+        assert isinstance(state.get(key), dict), _moved(f"nn.Module.__dict__[{key!r}]")
+    assert state["_parameters"]["weight"] is lin[0].weight, _moved("nn.Module.__dict__['_parameters']")
+    assert vars(lin)[_compat.MODULE_CHILDREN_DICT]["0"] is lin[0], _moved("nn.Module.__dict__['_modules']")
+
+
 def test_forward_hook_counts():
     lin = torch.nn.Linear(2, 2)
     assert _compat.forward_hook_counts(lin) == (0, 0)

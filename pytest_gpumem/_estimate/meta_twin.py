@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import MODULE_CHILDREN_DICT, MODULE_TENSOR_DICTS
+
 
 META = torch.device("meta")
 
@@ -38,9 +40,9 @@ def meta_twin(model: nn.Module) -> nn.Module:
         new = copies[id(m)] = type(m).__new__(type(m))
         d = dict(vars(m))
         for name, value in d.items():
-            if name in ("_parameters", "_buffers"):
+            if name in MODULE_TENSOR_DICTS:
                 d[name] = type(value)((k, memo.get(id(v), v) if v is not None else None) for k, v in value.items())
-            elif name == "_modules":
+            elif name == MODULE_CHILDREN_DICT:
                 d[name] = type(value)((k, twin(v) if v is not None else None) for k, v in value.items())
             elif name in _MODULE_REGISTRIES and isinstance(value, (dict, set, list)):
                 d[name] = type(value)(value)
