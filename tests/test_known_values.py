@@ -79,7 +79,7 @@ def test_the_tracker_sees_the_same_storages_with_and_without_values():
                     step()
             else:
                 step()
-        logs.append([(delta, raw) for _key, delta, raw in tracker.allocation_log()])
+        logs.append([(a.size, a.raw) for a in tracker.allocations()])
     assert logs[0] == logs[1]
 
 
@@ -132,7 +132,7 @@ def test_shape_deciding_ops_on_known_values_get_the_real_shape_and_are_tracked()
             labels = meta_with_value(mode, torch.tensor([3, 3, 1]))
             assert torch.unique(labels).tolist() == [1, 3]
     assert kept.shape == (5, 8) and where.shape == (5, 2)
-    raw = [r for _k, _d, r in tracker.allocation_log() if r > 0]
+    raw = [a.raw for a in tracker.allocations() if a.raw > 0]
     # x[mask] on CUDA: nonzero's int64 (5, 2) index temporary (80 B), then the (5, 8) fp32 gather (160 B)
     assert 5 * 2 * 8 in raw and 5 * 8 * 4 in raw
 

@@ -59,6 +59,13 @@ def test_a_closure_optimizer_with_a_grad_scaler_is_refused_clearly():
 
 
 # -- models that compute their own loss -----------------------------------------------------------
+class Output:
+    """A model output with a ``.loss`` attribute, like Hugging Face's ModelOutput (one class, no cycles)."""
+
+    def __init__(self, loss, logits) -> None:
+        self.loss, self.logits = loss, logits
+
+
 class ReturnsLoss(nn.Module):
     def __init__(self, as_dict: bool) -> None:
         super().__init__()
@@ -69,7 +76,7 @@ class ReturnsLoss(nn.Module):
         loss = nn.functional.cross_entropy(logits, labels)
         if self.as_dict:
             return {"loss": loss, "logits": logits}
-        return type("Output", (), {"loss": loss, "logits": logits})()
+        return Output(loss, logits)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
