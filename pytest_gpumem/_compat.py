@@ -33,9 +33,11 @@ __all__ = [
     "checks_torch_function",
     "cuda_efficient_attention",
     "cuda_flash_attention",
+    "compiled_original",
     "cpu_flash_attention",
     "dump_memory_snapshot",
     "forward_hook_counts",
+    "function_mode_stack",
     "foreach_sqrt_op",
     "grad_scaler_step_patch_target",
     "is_checkpoint_pack_hook",
@@ -48,6 +50,7 @@ __all__ = [
     "running_backward",
     "sequence_nr",
     "set_hypothesis_digest",
+    "sparse_parts",
     "stop_memory_history",
     "storage_key",
     "top_pack_hook",
@@ -300,3 +303,21 @@ def set_hypothesis_digest(test: Any, digest: bytes) -> None:
     read by hypothesis.internal.reflection.function_digest; hypothesis 6.x), so saved failures replay only
     in the same call."""
     test.hypothesis.inner_test._hypothesis_internal_add_digest = digest
+
+
+def function_mode_stack() -> list[Any]:
+    """The torch-function modes active on this thread, outermost first (``torch.overrides`` private)."""
+    return _require(torch.overrides, "_get_current_function_mode_stack", "torch.overrides")()
+
+
+def compiled_original(model: Any) -> Any:
+    """The eager module inside a ``torch.compile``d one (dynamo's OptimizedModule), else None."""
+    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    if optimized is not None and isinstance(model, optimized):
+        return model._orig_mod
+    return None
+
+
+def sparse_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The indices and values tensors of a sparse COO tensor, coalesced or not (no copy)."""
+    return (t._indices(), t._values())

@@ -237,3 +237,23 @@ def test_a_missing_internal_is_named_with_the_torch_version():
     assert "torch._C._autograd._gone" in str(err) and torch.__version__ in str(err)
     with pytest.raises(_compat.TorchInternalMissing, match="_nope"):
         _compat._require(torch._C, "_nope", "torch._C")
+
+
+def test_function_mode_stack_lists_the_active_modes():
+    from torch.overrides import TorchFunctionMode
+
+    assert _compat.function_mode_stack() == []
+    with TorchFunctionMode() as mode:
+        assert _compat.function_mode_stack() == [mode]
+
+
+def test_compiled_original_unwraps_torch_compile_without_compiling():
+    model = torch.nn.Linear(2, 2)
+    assert _compat.compiled_original(torch.compile(model)) is model
+    assert _compat.compiled_original(model) is None
+
+
+def test_sparse_parts_are_the_indices_and_values_of_an_uncoalesced_tensor():
+    t = torch.sparse_coo_tensor(torch.tensor([[0, 0, 2]]), torch.ones(3, 4), (5, 4))
+    indices, values = _compat.sparse_parts(t)
+    assert indices.shape == (1, 3) and values.shape == (3, 4)

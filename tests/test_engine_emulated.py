@@ -130,18 +130,33 @@ class ItemInForward(nn.Module):
         self.linear = nn.Linear(8, 8)
 
     def forward(self, x):
-        scale = x.abs().max().item()  # a value: meta tensors have none
+        scale = self.linear.weight.abs().max().item()  # a parameter's value: the emulated backend has none
         return self.linear(x) / scale
 
 
-def test_data_dependent_op_fails_naming_the_op_and_the_way_out():
+def test_an_unknown_value_read_is_answered_and_noted_naming_the_line():
+    """A parameter's value is unknown on meta: .item() reads the neutral value 1.0, and the report says
+    where (see _emulation/values.py for the policy)."""
     model = ItemInForward()
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="emulated")
+    (note,) = report.notes
+    assert "Tensor.item()" in note and "test_engine_emulated.py:" in note and "answered as if" in note
+    assert report.category_peak(Category.GRADS) == nbytes(model.parameters())
+
+
+class NonzeroInForward(ItemInForward):
+    def forward(self, x):
+        h = self.linear(x)
+        return h[torch.nonzero(h > 0)[:, 0]]  # how many rows survive depends on the values
+
+
+def test_data_dependent_shape_fails_naming_the_op_and_the_way_out():
+    model = NonzeroInForward()
     with pytest.raises(StepFailed) as info:
         measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="emulated")
     message = str(info.value)
     assert "forward of step 0" in message
-    assert "item()" in message
-    assert "_local_scalar_dense" in message
+    assert "nonzero" in message and "test_engine_emulated.py:" in message
     assert "backend='cpu'" in message
     # what was measured before the failure travels with it
     assert info.value.partial is not None

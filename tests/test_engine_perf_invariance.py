@@ -72,6 +72,26 @@ def _transformer_fp16():
         {"autocast_dtype": torch.float16, "scaler": True}
 
 
+class _Recurrent(nn.Module):
+    def __init__(self, cell) -> None:
+        super().__init__()
+        self.rnn = cell(16, 24, num_layers=2, batch_first=True)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _lstm_adam():
+    model = _Recurrent(nn.LSTM)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.randn(3, 7, 16), {}
+
+
+def _gru_sgd():
+    model = _Recurrent(nn.GRU)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), torch.randn(3, 7, 16), {}
+
+
 def _report(make, backend) -> str:
     torch.manual_seed(0)
     model, opt, x, extra = make()
@@ -79,7 +99,8 @@ def _report(make, backend) -> str:
     return json.dumps(measure_step(model, opt, x, target=y, backend=backend, **extra).to_dict(), sort_keys=True)
 
 
-@pytest.mark.parametrize("make", [_mlp_dropout_adam, _cnn_bn_sgd, _resnet18_adamw, _transformer_fp16])
+@pytest.mark.parametrize("make", [_mlp_dropout_adam, _cnn_bn_sgd, _resnet18_adamw, _transformer_fp16, _lstm_adam,
+                                  _gru_sgd])
 def test_reports_identical_with_and_without_speedups(make, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(step, "_freeze_older_objects", lambda: False)
@@ -160,7 +181,7 @@ def test_foreach_in_place_skips_only_alike_lists():
     op = aten._foreach_add_.List
     assert meta_kernels.kernel_for(op) is meta_kernels.foreach_in_place
     assert meta_kernels.kernel_for(aten._foreach_sqrt.default) is meta_kernels.memoised
-    assert meta_kernels.kernel_for(aten.add.Tensor) is None
+    assert meta_kernels.kernel_for(aten.gelu.default) is None
     assert meta_kernels.foreach_in_place(op, (params, grads), {}) is op(params, grads)  # None both
     with pytest.raises(Exception) as expected:
         op(params, [_meta(3, 4), _meta(6)])

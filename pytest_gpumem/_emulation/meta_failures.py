@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from .values import NoMetaKernelError, UnknownValueError
+
 
 _META_FAILURES = (  # (text in the error, the op, what in user code calls it)
     ("Tensor.item() cannot be called on meta", "aten._local_scalar_dense",
@@ -18,6 +20,8 @@ def explain_meta_failure(exc: BaseException) -> str | None:
     """Turn an error raised by a value-dependent op on meta tensors into advice; None if it is not one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (UnknownValueError, NoMetaKernelError)):
+            return None  # its own message names the op, the line and the way out
         seen.add(id(exc))
         text = str(exc)
         op = hint = None

@@ -31,7 +31,21 @@ MEMOISED = frozenset({
     aten.threshold_backward.default,
     aten.zeros_like.default,  # optimizer state
     foreach_sqrt_op(),
+    # Python refs (~0.2-0.7 ms a call): the gate arithmetic of LSTM/GRU steps, run per time step
+    aten.sigmoid_backward.default,
+    aten.tanh_backward.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.mul.Tensor,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.addmm.default,
+    aten.cat.default,
+    aten.sum.dim_IntList,
 })
+
+#: in-place unary ops that return their (meta, floating) input unchanged in shape, dtype and storage
+UNARY_IN_PLACE = frozenset({aten.sigmoid_.default, aten.tanh_.default, aten.relu_.default})
 
 _PLAIN = (bool, int, float, torch.dtype, torch.layout, torch.device, torch.memory_format)
 _UNCACHEABLE = object()
@@ -123,10 +137,20 @@ def foreach_in_place(func: Any, args: tuple, kwargs: dict) -> Any:
     return None
 
 
+def unary_in_place(func: Any, args: tuple, kwargs: dict) -> Any:
+    """sigmoid_/tanh_/relu_ on a floating meta tensor: nothing to compute or allocate; the input is the output."""
+    self = args[0] if len(args) == 1 and not kwargs else None
+    if isinstance(self, torch.Tensor) and self.device.type == "meta" and self.is_floating_point():
+        return self
+    return func(*args, **kwargs)
+
+
 def kernel_for(func: Any) -> Kernel | None:
     """The shortcut for ``func`` (an aten OpOverload), or None to run torch's own kernel."""
     if func in MEMOISED:
         return memoised
+    if func in UNARY_IN_PLACE:
+        return unary_in_place
     name = getattr(func, "__name__", "")
     if name.startswith("_foreach_") and name.split(".")[0].endswith("_") and op_returns_nothing(func):
         return foreach_in_place

@@ -9,6 +9,16 @@ import torch
 
 _FOREACH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam",
                        "Adadelta", "ASGD", "Rprop")
+#: optimizers whose functional form keeps the per-parameter loop when lr is a Tensor and capturable=False
+_LOOP_WITH_TENSOR_LR = ("Adam", "AdamW")
+
+
+def _cuda_picks_foreach(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether CUDA's default (foreach=None) resolves to foreach for this group."""
+    if group.get("foreach", False) is not None or group.get("fused") or group.get("differentiable"):
+        return False
+    tensor_lr = isinstance(group.get("lr"), torch.Tensor) and not group.get("capturable", False)
+    return not (tensor_lr and type(optimizer).__name__ in _LOOP_WITH_TENSOR_LR)
 
 
 @contextlib.contextmanager
@@ -16,13 +26,13 @@ def predict_cuda_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[torch.o
     """Make ``optimizer`` take the implementation CUDA would default to: foreach, where foreach is unset.
 
     On CUDA, _default_to_fused_or_foreach picks foreach for groups with foreach=None, fused not set and
-    differentiable=False; on the CPU or meta it picks the per-parameter loop. Restored on exit.
+    differentiable=False, except Adam/AdamW with a Tensor lr and capturable=False, which keep the loop
+    (torch 2.4-2.14 adam.py); on the CPU or meta it picks the per-parameter loop. Restored on exit.
     """
     changed = []
     if type(optimizer).__name__ in _FOREACH_OPTIMIZERS and isinstance(optimizer, torch.optim.Optimizer):
         for group in optimizer.param_groups:
-            if "foreach" in group and group["foreach"] is None and not group.get("fused") \
-                    and not group.get("differentiable"):
+            if _cuda_picks_foreach(optimizer, group):
                 group["foreach"] = True
                 changed.append(group)
     try:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._core.categories import CATEGORIES, Category, Phase
+from .._core.step_calls import eager_model
 from .._measure.allocator import round_allocation
 from .optimizer_rules import grad_scaler_tensors
 from .layer_table import _layer_table
@@ -80,11 +81,12 @@ def estimate_step(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     rnd = rounding_for(device)
+    model, compiled = eager_model(model)  # a torch.compile'd model is estimated as its eager graph
     hooks = [h for h in (hook, plugin_manager.hook) if h is not None]
     trace = trace_step(model, batch, target=target, loss_fn=loss_fn, device=device, hooks=hooks,
                        autocast_dtype=autocast_dtype, reuse_blocks=reuse_blocks)
     saves, covered = _saves(trace, rnd)
-    notes: list[str] = []
+    notes: list[str] = [compiled] if compiled else []
     if trace.reused[0]:
         notes.append(f"repeated blocks: {trace.reused[1]} traced, {trace.reused[0]} calls replayed from them")
 

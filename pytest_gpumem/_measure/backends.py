@@ -70,6 +70,10 @@ class Backend:
         self.trackers.append(tracker)
         return tracker
 
+    def make_value_mode(self):
+        """A dispatch mode keeping real values beside the step's tensors (None: they have their own)."""
+        return None
+
     def begin(self) -> None:
         """Called once before anything is measured."""
 
@@ -144,6 +148,11 @@ class EmulatedBackend(Backend):
 
     def describe(self) -> str:
         return "cuda (emulated on meta tensors)"
+
+    def make_value_mode(self):
+        from .._emulation.values import KnownValues  # data-dependent code runs on values kept beside meta
+
+        return KnownValues()
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         from .. import _emulation as emulation  # kernel substitutions that make meta save what CUDA saves

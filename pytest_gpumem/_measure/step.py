@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import itertools
 from typing import Any, Callable, Iterator
 
@@ -15,9 +16,10 @@ import torch
 from torch import nn
 from .._compat import running_backward
 
+
 from .backends import Backend, make_backend
 from .._core.categories import PHASES, Category, Phase
-from .._core.step_calls import call_model, default_loss
+from .._core.step_calls import call_model, default_loss, eager_model
 from .._core.tensors import tensors_in
 from .._core.results import PhaseStats, StepMeasurement, StepReport
 from .tracker import StorageTracker
@@ -41,7 +43,8 @@ class OutOfMemory(StepFailed):
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     if optimizer is None:
         return []
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    # nested too: LBFGS keeps lists of history vectors (old_dirs, old_stps) in its state
+    return tensors_in([list(state.values()) for state in optimizer.state.values()])
 
 
 class Session:
@@ -50,6 +53,8 @@ class Session:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.tracker: StorageTracker = backend.make_tracker()
+        #: real values beside meta tensors (the emulated backend), entered above the tracker
+        self.values = backend.make_value_mode()
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.batch_tensors: list[torch.Tensor] = []
@@ -64,6 +69,8 @@ class Session:
     def __enter__(self) -> "Session":
         self.backend.begin()
         self.tracker.__enter__()
+        if self.values is not None:
+            self.values.__enter__()
         self._saving.__enter__()
         self._entered = True
         return self
@@ -83,6 +90,9 @@ class Session:
             if self._entered:
                 self._entered = False
                 self._saving.__exit__(None, None, None)
+                if self.values is not None:
+                    self.values.__exit__(None, None, None)
+                    self.backend.notes.extend(self.values.notes)
                 self.tracker.__exit__(None, None, None)
             self.tracker.close()
             self.report = self._build_report()
@@ -133,9 +143,16 @@ class Session:
     def place_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         """The model and optimizer on the backend's device: as given when they are there, else copies."""
         device = self.backend.device
+        model, compiled = eager_model(model)  # dynamo compiles nothing under a dispatch mode: say so
+        if compiled is not None and compiled not in self.backend.notes:
+            self.backend.notes.append(compiled)
         current = model_device(model)
         if current is not None and current != device and not _same_device(current, device):
             mapping = device_copies(model, device)
+            if self.values is not None:  # integer buffers (position ids) keep their values
+                for buffer in model.buffers():
+                    if self.values.worth_seeding(buffer):
+                        self.values.remember(mapping[id(buffer)], buffer)
             twin = model_twin(model, mapping)  # runs the step: its own attributes, lists and caches remapped
             # a loss that closes over the user's model (an L1 penalty over model.parameters()) must see the
             # same copies; the user's model never runs, and gets its own tensors back when the step ends
@@ -154,7 +171,12 @@ class Session:
 
     def place_batch(self, batch: Any) -> Any:
         """The batch on the backend's device, its storages marked as batch."""
-        batch = move_batch(batch, self.backend.device)
+        moved = move_batch(batch, self.backend.device)
+        if self.values is not None:  # token ids, masks, labels keep their values beside the meta copies
+            for original, copy in zip(tensors_in(batch), tensors_in(moved)):
+                if copy is not original and self.values.worth_seeding(original):
+                    self.values.remember(copy, original)
+        batch = moved
         self.batch_tensors = tensors_in(batch)
         self.tracker.mark(self.batch_tensors, Category.BATCH)
         return batch
@@ -307,6 +329,9 @@ def check_step_arguments(model: Any, optimizer: Any, steps: Any) -> None:
 def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
     """forward -> backward -> optimizer -> zero_grad, each its own phase."""
     __tracebackhide__ = True
+    if needs_closure(optimizer):
+        return _one_closure_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none,
+                                 autocast_dtype, scaler)
     session.phase(index, Phase.FORWARD)
     with session.backend.forward_context():
         with session.backend.autocast(autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext():
@@ -322,6 +347,46 @@ def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_
             scaler.update()
         else:
             optimizer.step()
+    session.phase(index, Phase.ZERO_GRAD)
+    optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (LBFGS): a ``closure`` parameter without a default."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # pragma: no cover - C-implemented step
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _one_closure_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype,
+                      scaler):
+    """``optimizer.step(closure)`` as torch documents it: the closure zeroes the grads, runs forward and
+    backward, returns the loss. Its first call is the step's forward and backward phases; the optimizer's
+    re-evaluations (LBFGS line search, inner iterations) count in the optimizer phase, where they happen."""
+    if scaler is not None:
+        raise ValueError(f"{type(optimizer).__name__}.step takes a closure, which torch.amp.GradScaler does not "
+                         "support; measure it without scaler=")
+    calls = [0]
+
+    def closure():
+        first = calls[0] == 0
+        calls[0] += 1
+        optimizer.zero_grad(set_to_none=set_to_none)
+        if first:
+            session.phase(index, Phase.FORWARD)
+        with session.backend.autocast(autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext():
+            loss = loss_fn(call_model(model, inputs), target)
+        if first:
+            session.phase(index, Phase.BACKWARD)
+        loss.backward()
+        if first:
+            session.phase(index, Phase.OPTIMIZER)
+        return loss
+
+    with session.backend.optimizer_context(optimizer), session.backend.forward_context():
+        optimizer.step(closure)
     session.phase(index, Phase.ZERO_GRAD)
     optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -16,6 +16,7 @@ import torch
 
 from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
+from .._compat import sparse_parts
 from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
@@ -117,8 +118,18 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     def observe(self, tensor: torch.Tensor) -> int | None:
-        """Register ``tensor``'s storage if it is on the tracked device; return its key."""
-        if tensor.device.type != self.device_type or tensor.layout != torch.strided:
+        """Register ``tensor``'s storage if it is on the tracked device; return its key.
+
+        A sparse COO tensor holds two storages (indices and values): both are registered, the key of its
+        values is returned; other layouts are not tracked.
+        """
+        if tensor.device.type != self.device_type:
+            return None
+        if tensor.layout == torch.sparse_coo:
+            parts = sparse_parts(tensor)
+            keys = [self.observe(part) for part in parts]
+            return keys[-1] if keys else None
+        if tensor.layout != torch.strided:
             return None
         try:
             storage = tensor.untyped_storage()
@@ -167,12 +178,14 @@ class StorageTracker(TorchDispatchMode):
         for t in tensors:
             if t is None:
                 continue
-            key = self.observe(t)
-            if key is None:
-                continue
-            old = self._marks.get(key)
-            if old is None or _PRIORITY[category] < _PRIORITY[old]:
-                self._marks[key] = category
+            parts = sparse_parts(t) if t.layout == torch.sparse_coo else (t,)
+            for part in parts:  # a sparse gradient: its indices and values are both grads
+                key = self.observe(part)
+                if key is None:
+                    continue
+                old = self._marks.get(key)
+                if old is None or _PRIORITY[category] < _PRIORITY[old]:
+                    self._marks[key] = category
 
     def key_of(self, tensor: torch.Tensor) -> int | None:
         """The key of ``tensor``'s storage if it is live and tracked."""

@@ -29,8 +29,20 @@ def move_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) batch on ``device``, dataclass fields included; other leaves unchanged."""
-    return map_tensors(lambda t: move_tensor(t, device), batch)
+    """Every tensor in a (nested) batch on ``device``, dataclass fields included; other leaves unchanged.
+
+    A tensor that appears twice (``labels=input_ids``, the same tensor as batch and target) is copied
+    once, as a training loop that moves each tensor once would.
+    """
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        hit = copies.get(id(t))
+        if hit is None:
+            hit = copies[id(t)] = (t, move_tensor(t, device))
+        return hit[1]
+
+    return map_tensors(move, batch)
 
 
 def device_copies(model: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
