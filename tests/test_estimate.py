@@ -105,9 +105,32 @@ def test_reused_module_saves_twice_but_counts_its_params_once():
 
 def test_layers_are_flagged_formula_or_traced():
     model = nn.Sequential(nn.Linear(8, 8), nn.Hardswish())  # no formula for Hardswish -> traced
-    est = estimate_step(model, None, (torch.randn(2, 8, requires_grad=False),), device="cpu", steps=1)
+    est = estimate_step(model, None, (torch.randn(2, 8, requires_grad=False),), device="cuda", steps=1)
     methods = {r.type: r.method for r in est.layers}
     assert methods["Linear"] == "formula" and methods["Hardswish"] == "traced"
+
+
+def test_cpu_estimate_rests_on_the_trace_with_the_formula_as_cross_check():
+    # device="cpu": the meta trace saves what the CPU saves; the formula's figure stays beside it in the table
+    model = nn.Sequential(nn.Linear(8, 8), nn.Hardswish(), nn.Linear(8, 4))
+    est = estimate_step(model, None, (torch.randn(2, 8),), device="cpu", steps=1)
+    rows = {r.name: r for r in est.layers}
+    assert rows["0"].method == rows["2"].method == "traced"
+    # the second Linear saves its input, Hardswish's output: 2 x 8 fp32 = 64 B, by the trace and by the formula
+    assert rows["2"].activation_bytes == 64 and rows["2"].formula_bytes == 64
+    assert rows["1"].formula_bytes is None  # no formula for Hardswish
+
+
+def test_cpu_estimate_follows_an_inplace_activation_and_a_subclassed_norm():
+    # nn.SiLU(inplace=True) makes autograd save a copy of its input (original_self): the Linear formula and a
+    # SiLU formula alone would count 1 x the hidden tensor; the CPU keeps it twice (issue 14: -49.8% before)
+    model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(inplace=True), nn.Linear(128, 4))
+    x = torch.randn(32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    est = estimate_step(model, opt, x, device="cpu")
+    rep = step.measure_step(model, opt, x, backend="cpu")
+    assert est.category_peak(Category.ACTIVATIONS) == rep.category_peak(Category.ACTIVATIONS)
+    assert est.peak == rep.peak
 
 
 class Doubler(nn.Module):
@@ -175,7 +198,7 @@ def test_estimate_is_a_frozen_dataclass_with_to_dict_and_table():
 def test_summary_lists_every_call():
     model, batch, target = cnn()
     text = summary(model, batch, target=target, device="cpu")
-    assert text.count("Conv2d") == 2 and "formula" in text and "loss" in text
+    assert text.count("Conv2d") == 2 and "traced (formula: " in text and "loss" in text
 
 
 def test_model_state_bytes_mixed_precision_adam_is_16_per_param():

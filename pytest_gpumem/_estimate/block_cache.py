@@ -346,6 +346,7 @@ class BlockCache:
                 children=c.children,
                 items=tuple(make(x) for x in c.items) if c.items is not None else None,
                 method=c.method,
+                formula_items=tuple(make(x) for x in c.formula_items) if c.formula_items is not None else None,
                 inputs=tuple(make(x) for x in c.inputs),
                 output=tree_map(make, c.output),
                 end=c.end + shift_save,

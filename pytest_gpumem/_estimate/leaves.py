@@ -69,7 +69,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
     saved_now: set[int] = set()
     next_save = 0
     for c in (trace.calls[i] for i in leaf_calls):
-        while next_save < len(saved_by_position) and saved_by_position[next_save][0] <= c.end:
+        while next_save < len(saved_by_position) and saved_by_position[next_save][0] < c.end:
             if saved_by_position[next_save][1] is not None:
                 saved_now.add(saved_by_position[next_save][1])
             next_save += 1

@@ -20,12 +20,14 @@ class LayerEstimate:
     activation_bytes: int     #: bytes first saved by this call (after dedup), as the device allocates them
     method: str               #: "formula", "traced" or "hook"
     depth: int = 0
+    formula_bytes: int | None = None  #: the closed-form figure where the peak rests on the trace (cross-check)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "type": self.type,
             "output_shape": list(self.output_shape) if self.output_shape is not None else None,
             "params": self.params, "activation_bytes": self.activation_bytes, "method": self.method,
+            "formula_bytes": self.formula_bytes,
         }
 
 

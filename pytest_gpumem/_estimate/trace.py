@@ -15,6 +15,7 @@ from . import layer_formulas as formulas
 from .block_cache import BlockCache
 from .cpu_attention import _CpuAttention
 from .meta_twin import _to_meta, meta_twin
+from .segments import split_own_ops
 from .storages import _storage_key, _tensors
 
 
@@ -37,6 +38,7 @@ class _Call:
     region: int | None = None        #: checkpoint region this call opened (its saves are recomputed, not kept)
     op_start: int = 0                #: op counter (see _Uses) when the call began
     op_end: int = 0                  #: op counter when the call ended
+    formula_items: tuple | None = None  #: device="cpu": the closed-form answer, kept as a cross-check
 
 
 @dataclass
@@ -91,7 +93,8 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
                                                            model.parameters(), model.buffers())}
     batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
     reused = (cache.hits, cache.records) if cache is not None else (0, 0)
-    return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
+    calls, order = split_own_ops(tracer.calls, tracer.order, tracer.save_ops, tracer.uses, _Call)
+    return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
                   tracer.uses, tracer.save_ops)
 
@@ -196,8 +199,16 @@ class _Tracer:
                 call.items, call.method = (int(answer),), "hook"
                 return
         fn = formulas.formula_for(module, autocast=torch.is_autocast_enabled("cuda"))
-        if fn is not None:
-            call.items, call.method = tuple(fn(module, call.inputs, output, self.device)), "formula"
+        if fn is None:
+            return
+        items = tuple(fn(module, call.inputs, output, self.device))
+        if self.device == "cuda":
+            # CUDA kernels save what the formulas say (cuDNN, fused dropout), not what meta's CPU-like kernels do
+            call.items, call.method = items, "formula"
+        else:
+            # on the CPU what the meta trace saves is what the CPU saves: the formula is a cross-check only
+            # (a subclass overriding forward, timm's BatchNormAct2d, or an inplace activation is not its base)
+            call.formula_items = items
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         if self.stack:
