@@ -139,13 +139,15 @@ def hf(kind: str):
             batch = {"input_ids": ids, "labels": ids}
         elif kind == "t5":
             m = tr.T5ForConditionalGeneration(tr.T5Config(vocab_size=1000, d_model=128, d_ff=256, d_kv=32,
-                                                          num_layers=2, num_heads=4, **common))
-            batch = {"input_ids": ids, "labels": ids[:, :32]}
+                                                          num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                          **common))
+            batch = {"input_ids": ids, "labels": ids[:, :32].clone()}
         elif kind == "whisper":
             m = tr.WhisperForConditionalGeneration(tr.WhisperConfig(
                 vocab_size=1000, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, num_mel_bins=80,
-                max_source_positions=100, max_target_positions=64, **common))
+                max_source_positions=100, max_target_positions=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, decoder_start_token_id=1, **common))
             batch = {"input_features": torch.randn(2, 80, 200), "labels": torch.randint(0, 1000, (2, 32))}
         elif kind == "lora":
             import peft

@@ -262,9 +262,9 @@ def _param_grads_by_call(trace: _Trace, covered: list[bool],
         if not p.requires_grad:
             continue
         if id(p) in trace.loss_params and loss_call is not None:
-            out.setdefault(loss_call, []).append(_nbytes(p))
+            out.setdefault(loss_call, []).append(trace.grad_nbytes(p))
             if id(p) in owner:
-                accum.setdefault(owner[id(p)], []).append(_nbytes(p))
+                accum.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
         elif id(p) in owner:
-            out.setdefault(owner[id(p)], []).append(_nbytes(p))
+            out.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
     return out, accum

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import optimizer_rules_factored  # noqa: F401  (registers Adafactor, SparseAdam)
 from .optimizer_rules import is_foreach, rule_for, state_bytes_on
 from .storages import _nbytes
 

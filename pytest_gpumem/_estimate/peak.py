@@ -94,9 +94,9 @@ def estimate_step(
         tensors_pb[id(t)] = t
     params_raw = sum(_nbytes(t) for t in tensors_pb.values())
     params_alloc = sum(rnd(_nbytes(t)) for t in tensors_pb.values())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grads_raw = sum(_nbytes(p) for p in trainable)
-    grads_alloc = sum(rnd(_nbytes(p)) for p in trainable)
+    grad_sizes = [trace.grad_nbytes(p) for p in trace.twin.parameters() if p.requires_grad]
+    grads_raw = sum(grad_sizes)
+    grads_alloc = sum(map(rnd, grad_sizes))
     batch_tensors = {_storage_key(t): t for t in _tensors((batch, target))}
     batch_raw = sum(t.untyped_storage().nbytes() for t in batch_tensors.values())
     batch_alloc = sum(rnd(t.untyped_storage().nbytes()) for t in batch_tensors.values())

@@ -54,6 +54,12 @@ class _Trace:
     loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
+    #: twin parameter id -> its gradient's bytes where that is not the parameter's (Embedding(sparse=True))
+    grad_bytes: dict[int, int] = field(default_factory=dict)
+
+    def grad_nbytes(self, p: torch.Tensor) -> int:
+        """Bytes of twin parameter ``p``'s gradient after backward."""
+        return self.grad_bytes.get(id(p), p.numel() * p.element_size())
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,19 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     calls, order = split_own_ops(tracer.calls, tracer.order, tracer.save_ops, tracer.uses, _Call)
     return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
-                  tracer.uses, tracer.save_ops)
+                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls))
+
+
+def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
+    """An ``Embedding(sparse=True)`` weight's grad is a sparse COO tensor: per looked-up index an int64 index
+    and a row of values; calls add up (sparse grads accumulate by concatenation, uncoalesced)."""
+    out: dict[int, int] = {}
+    for c in calls:
+        m = c.module
+        if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad and c.inputs:
+            n = c.inputs[0].numel()
+            out[id(m.weight)] = out.get(id(m.weight), 0) + n * 8 + n * m.weight.shape[1] * m.weight.element_size()
+    return out
 
 
 def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
