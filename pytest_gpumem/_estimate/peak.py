@@ -12,7 +12,7 @@ from .._measure.allocator import round_allocation
 from .optimizer_rules import grad_scaler_tensors
 from .layer_table import _layer_table
 from .leaves import _leaves, _param_grads_by_call
-from .optimizer_figures import _optimizer_figures, _scaler_enabled
+from .optimizer_figures import _foreign_params, _has_rule, _optimizer_figures, _scaler_enabled
 from .plugins import plugin_manager
 from .results import Estimate
 from .saves import _Save, _saves
@@ -85,6 +85,9 @@ def estimate_step(
                        autocast_dtype=autocast_dtype, reuse_blocks=reuse_blocks)
     saves, covered = _saves(trace, rnd)
     notes: list[str] = []
+    if trace.user_autocast is not None:
+        notes.append(f"the model or loss enters {trace.user_autocast} itself: meta tensors ignore it, so its "
+                     "activations are estimated in full precision (pass autocast_dtype=... to the step instead)")
     if trace.reused[0]:
         notes.append(f"repeated blocks: {trace.reused[1]} traced, {trace.reused[0]} calls replayed from them")
 
@@ -312,4 +315,7 @@ def estimate_step(
         phases=phase_peaks, params=params_raw, grads=grads_raw, optimizer=opt_raw, batch=batch_raw,
         activations=act_raw, layers=layers, notes=tuple(notes), step_peaks=tuple(step_peaks),
         categories=categories, category_peaks=category_peaks,
+        unestimated=(() if _has_rule(optimizer, hooks) else ("optimizer",)),
+        autocast_inside=trace.user_autocast,
+        foreign_optimizer_params=_foreign_params(optimizer, model),
     )

@@ -51,6 +51,10 @@ class Estimate:
     step_peaks: tuple[int, ...] = ()
     categories: dict[Category, int] = field(default_factory=dict)  #: category totals, as a dict
     category_peaks: dict[Category, int] = field(default_factory=dict)  #: most bytes per category at any phase peak
+    unestimated: tuple[str, ...] = ()  #: categories the estimate cannot give (an optimizer without a rule)
+    #: (count, bytes) of tensors the optimizer steps that are not the model's parameters
+    foreign_optimizer_params: tuple[int, int] = (0, 0)
+    autocast_inside: str | None = None  #: an autocast region the model or loss entered itself, as written
 
     def category_peak(self, category: Category) -> int:
         """Like StepReport.category_peak: the most bytes ``category`` held at any phase peak."""
@@ -69,6 +73,8 @@ class Estimate:
             "step_peaks": list(self.step_peaks),
             "layers": [layer.to_dict() for layer in self.layers],
             "notes": list(self.notes),
+            "unestimated": list(self.unestimated),
+            "foreign_optimizer_params": list(self.foreign_optimizer_params),
         }
 
     def table(self) -> str:

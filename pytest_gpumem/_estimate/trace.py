@@ -56,6 +56,7 @@ class _Trace:
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
     #: twin parameter id -> its gradient's bytes where that is not the parameter's (Embedding(sparse=True))
     grad_bytes: dict[int, int] = field(default_factory=dict)
+    user_autocast: str | None = None  #: an autocast region the model or loss entered itself (not traced as such)
 
     def grad_nbytes(self, p: torch.Tensor) -> int:
         """Bytes of twin parameter ``p``'s gradient after backward."""
@@ -102,7 +103,7 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     calls, order = split_own_ops(tracer.calls, tracer.order, tracer.save_ops, tracer.uses, _Call)
     return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
-                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls))
+                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast)
 
 
 def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
@@ -184,10 +185,18 @@ class _Tracer:
         self.ops = 0  #: ops run so far (the _Uses counter)
         self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
         self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
+        #: autocast the model or loss entered itself (meta tensors ignore it, so the trace ran in full precision)
+        self.user_autocast: str | None = None
+        self.watch_autocast = True
 
     new_call = staticmethod(lambda **fields: _Call(**fields))
 
     def pre(self, module, args):
+        if self.user_autocast is None and self.watch_autocast:
+            # module hooks run above autocast (a dispatch mode runs below it and sees it off)
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    self.user_autocast = f"torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)})"
         parent = self.stack[-1] if self.stack else None
         call = _Call(len(self.calls), self.names.get(id(module), "") or type(module).__name__, module, parent,
                      len(self.stack))
@@ -245,6 +254,7 @@ class _Tracer:
         from .._core.step_calls import call_model, default_loss
 
         inputs, meta_target = _to_meta(batch), _to_meta(target)
+        self.watch_autocast = autocast_dtype is None
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
             stack.enter_context(_Uses(self))
