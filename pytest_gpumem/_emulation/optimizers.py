@@ -6,9 +6,7 @@ from typing import Iterator
 
 import torch
 
-
-_FOREACH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam",
-                       "Adadelta", "ASGD", "Rprop")
+from .._cuda_facts.optimizers import FOREACH_BY_DEFAULT as _FOREACH_OPTIMIZERS
 
 
 @contextlib.contextmanager
