@@ -178,7 +178,7 @@ def test_compare_names_the_layers_when_activations_differ():
     import dataclasses
 
     wrong = dataclasses.replace(est, category_peaks={**est.category_peaks, Category.ACTIVATIONS: est.activations * 3})
-    result = compare(rep, wrong, 0.05)
+    result = compare(rep, wrong, 0.05, atol=0)
     assert not result.ok and "activations" in result.message and "BatchNorm2d" in result.message
     with pytest.raises(AssertionError, match="differs"):
         assert_matches_estimate(rep, wrong)
@@ -432,7 +432,7 @@ def test_l1_penalty_reads_the_users_parameters_which_are_not_activations(backend
                             loss_fn=loss_fn, backend=backend)
     est = estimate_step(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, target=target, loss_fn=loss_fn,
                         device="cpu" if backend == "cpu" else "cuda")
-    assert all(row.estimated == row.measured for row in compare(rep, est, 0.0).rows), compare(rep, est, 0.0).message
+    assert all(row.estimated == row.measured for row in compare(rep, est, 0.0, atol=0).rows), compare(rep, est, 0.0, atol=0).message
     assert est.category_peak(Category.ACTIVATIONS) < 64 * 512 * 4 + 4096
     assert est.phases[Phase.FORWARD] == rep.steps[-1].phases[Phase.FORWARD].peak
 
@@ -462,8 +462,8 @@ def test_small_fuzz_findings_agree_exactly(case, backend):
                         device="cpu" if backend == "cpu" else "cuda")
     # emulated, several instants of so small a step hold the same 512-B blocks (mlp-8-8-2: 8 KiB allocated with
     # 784 B tracked in the estimate, 920 B measured): compare() then takes the allocated peaks, which agree
-    assert est.peak == rep.peak, compare(rep, est, 0.0).message
-    assert all(row.estimated == row.measured for row in compare(rep, est, 0.0).rows), compare(rep, est, 0.0).message
+    assert est.peak == rep.peak, compare(rep, est, 0.0, atol=0).message
+    assert all(row.estimated == row.measured for row in compare(rep, est, 0.0, atol=0).rows), compare(rep, est, 0.0, atol=0).message
 
 
 # Shrunk fuzz findings on the transformer family (embedding -> TransformerEncoderLayer -> head). nn.MultiheadAttention
