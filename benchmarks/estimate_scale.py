@@ -5,7 +5,8 @@ host memory (tracemalloc peak, ru_maxrss growth) and the estimate's peak and spl
 The models are built under ``torch.device("meta")`` (never materialised) from configs with
 ``attn_implementation="sdpa"`` and the default ``use_cache`` (``use_cache=False`` makes transformers check
 position ids with ``.all()``, which meta tensors cannot answer; issue 13's value-aware emulation is for that);
-the batch is token ids without padding, so no data-dependent mask is built.
+the batch is token ids without padding, so no data-dependent mask is built; with checkpointing (which turns
+the cache off) a 4D additive mask of zeros is passed, which transformers takes as given.
 Model construction (transformers' own __init__) is timed apart from the estimate.
 
     python benchmarks/estimate_scale.py [--seq 2048] [--batch 1] [--only 8b]
@@ -87,6 +88,11 @@ def main() -> None:
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
                 ids = torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta")
                 batch = {"input_ids": ids, "labels": ids}
+                if ckpt:
+                    # checkpointing turns use_cache off, and then transformers checks position ids with .all():
+                    # a 4D additive mask is taken as given (the mask is counted as batch bytes)
+                    batch["attention_mask"] = torch.zeros(args.batch, 1, args.seq, args.seq, dtype=torch.bfloat16,
+                                                          device="meta")
                 gc.collect()
                 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 tracemalloc.start()
