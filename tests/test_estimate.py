@@ -495,3 +495,22 @@ def test_transformer_fuzz_findings_agree(config, batch_size, opt_name, backend, 
     assert compare(rep, est, rtol).ok, compare(rep, est, rtol).message
     measured = max(s.phases[Phase.BACKWARD].peak for s in rep.steps)
     assert abs(est.phases[Phase.BACKWARD] - measured) <= rtol * measured
+
+
+def test_hugging_face_decoder_layers_are_replayed_with_the_same_figures():
+    # transformers' layers differ only in layer_idx (their KV-cache slot): replaying them must give the figures
+    # of tracing all six (and a loss computed inside forward from labels=)
+    tr = pytest.importorskip("transformers")
+    cfg = tr.LlamaConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=200, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tr.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 200, (2, 32))
+    batch = {"input_ids": ids, "labels": ids}
+    runs = [estimate_step(model, torch.optim.AdamW(model.parameters()), batch, loss_fn=lambda out, _t: out.loss,
+                          device="cpu", reuse_blocks=reuse) for reuse in (True, False)]
+    assert runs[0].peak == runs[1].peak and runs[0].category_peaks == runs[1].category_peaks
+    assert any("5 calls replayed" in n for n in runs[0].notes)
+    rep = step.measure_step(model, torch.optim.AdamW(model.parameters()), batch, loss_fn=lambda out, _t: out.loss,
+                            backend="cpu")
+    assert compare(rep, runs[0], 0.03, atol=0).ok, compare(rep, runs[0], 0.03, atol=0).message

@@ -26,6 +26,11 @@ META = torch.device("meta")
 _PRIMITIVES = (int, float, str, bool, type(None), torch.dtype, torch.device)
 #: attributes every nn.Module has (hook dicts, registries); they say nothing about what forward computes
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+#: attributes that say only where a block sits, not what it computes: Hugging Face's ``layer_idx`` picks the
+#: layer's KV-cache slot (per-layer behaviour such as sliding windows is set as attributes of its own, which
+#: the signature keeps). Without this no decoder layer of a transformers model is ever replayed. A forward
+#: that branches on ``layer_idx`` itself needs ``estimate_step(..., reuse_blocks=False)``.
+_POSITION_ONLY = frozenset({"layer_idx"})
 
 
 def _key(t: torch.Tensor) -> int:
@@ -48,7 +53,7 @@ def module_signature(module: nn.Module) -> tuple:
     parts = []
     for name, sub in module.named_modules(remove_duplicate=False):
         attrs = tuple(sorted((k, _value_signature(v)) for k, v in vars(sub).items()
-                             if k not in _MODULE_INTERNALS and k != "forward"))
+                             if k not in _MODULE_INTERNALS and k not in _POSITION_ONLY and k != "forward"))
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False))
         buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False))
         parts.append((name, type(sub), attrs, params, buffers))

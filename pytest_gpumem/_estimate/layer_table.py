@@ -25,7 +25,7 @@ def _layer_table(trace: _Trace, saves: list[_Save], covered: list[bool]) -> tupl
             params = sum(p.numel() for p in c.module.parameters(recurse=c.items is not None))
         outs = _tensors(c.output)
         shape = tuple(outs[0].shape) if outs else None
-        type_name = type(c.module).__name__ if c.module is not None else "loss"
+        type_name = type(c.module).__name__ if c.module is not None else ("ops" if c.parent is not None else "loss")
         rows.append(LayerEstimate(c.name, type_name, shape, params, by_call.get(c.index, 0), c.method, c.depth,
                                   _formula_bytes(c.formula_items, trace)))
     return tuple(rows)
