@@ -130,6 +130,7 @@ class Template:
     descs: dict[int, _Desc] = field(default_factory=dict)  #: id(template tensor) -> how to rebuild it
     first_op: int = 0                       #: the tracer's op counter when the block began
     n_ops: int = 0                          #: ops the block ran
+    passthrough: frozenset = frozenset()    #: ops (from first_op) whose backward passes the grad on as is
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
@@ -218,6 +219,7 @@ class BlockCache:
         uses = tr.uses[first_use:]
         template = self._record(module, leaves, output, first_call, first_save, seen.created, uses)
         template.first_op, template.n_ops = first_op, tr.ops - first_op
+        template.passthrough = frozenset(op - first_op for op in tr.passthrough if op >= first_op)
         self.templates[key] = template
         return output
 
@@ -362,6 +364,7 @@ class BlockCache:
         tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
         tr.save_ops.extend(op + shift_op for op in t.save_ops)
         tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
+        tr.passthrough.update(op + tr.ops for op in t.passthrough)
         tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)
         block.children = t.children

@@ -57,6 +57,7 @@ class _Trace:
     #: twin parameter id -> its gradient's bytes where that is not the parameter's (Embedding(sparse=True))
     grad_bytes: dict[int, int] = field(default_factory=dict)
     user_autocast: str | None = None  #: an autocast region the model or loss entered itself (not traced as such)
+    passthrough: frozenset = frozenset()  #: ops whose backward hands the output's grad on unchanged
 
     def grad_nbytes(self, p: torch.Tensor) -> int:
         """Bytes of twin parameter ``p``'s gradient after backward."""
@@ -103,7 +104,8 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     calls, order = split_own_ops(tracer.calls, tracer.order, tracer.save_ops, tracer.uses, _Call)
     return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
-                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast)
+                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast,
+                  frozenset(tracer.passthrough))
 
 
 def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
@@ -141,6 +143,16 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     return frozenset(found)
 
 
+#: ops whose backward passes the output's gradient to every input as it is, allocating none (an add of two
+#: branches, a residual add, views): a call made only of them makes no input gradient in backward
+_aten = torch.ops.aten
+PASSTHROUGH_OPS = frozenset({
+    _aten.add.Tensor, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
+    _aten.transpose.int, _aten.permute.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.alias.default,
+    _aten.detach.default,
+})
+
+
 #: how an op touched a tensor (``_Uses``): made it, read it, or read it differentiably (a grad flows back)
 OUT, IN, GRAD_IN = 0, 1, 2
 
@@ -161,6 +173,8 @@ class _Uses(TorchDispatchMode):
         if not tr.paused:
             op = tr.ops
             tr.ops += 1
+            if func in PASSTHROUGH_OPS and (func is not torch.ops.aten.add.Tensor or kwargs.get("alpha", 1) == 1):
+                tr.passthrough.add(op)
             for t in _tensors((args, kwargs)):
                 tr.uses.append((op, t, GRAD_IN if t.requires_grad and t.is_floating_point() else IN))
             for t in _tensors(out):
@@ -183,6 +197,7 @@ class _Tracer:
         self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
         self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
         self.ops = 0  #: ops run so far (the _Uses counter)
+        self.passthrough: set[int] = set()  #: ops whose backward hands the output's grad on unchanged (add, views)
         self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
         self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
         #: autocast the model or loss entered itself (meta tensors ignore it, so the trace ran in full precision)
