@@ -16,13 +16,30 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
 
 META = torch.device("meta")
+
+
+class BlockTracer(Protocol):
+    """What the block cache reads and extends of the trace's recorder (``trace._Tracer``)."""
+
+    calls: list[Any]                      #: call records, in call order
+    stack: list[int]                      #: indices of the calls running now
+    order: list[tuple[int, torch.Tensor]]  #: (call index, saved tensor) in save order
+    save_ops: list[int]                   #: per ``order`` entry, the op that saved it
+    uses: list[tuple[int, torch.Tensor, int]]  #: (op, tensor, how it was used)
+    ops: int                              #: ops run so far
+    passthrough: set[int]                 #: ops whose backward hands the grad on unchanged
+    paused: bool                          #: set while a replay makes its own tensors
+
+    def new_call(self, **fields: Any) -> Any: ...
+
+    def new_region(self) -> int: ...
 _PRIMITIVES = (int, float, str, bool, type(None), torch.dtype, torch.device)
 #: attributes every nn.Module has (hook dicts, registries); they say nothing about what forward computes
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
@@ -156,7 +173,7 @@ class BlockCache:
     it) per op tensor), ``paused`` (set while a replay runs its own ops) and a ``new_call(**fields)`` factory.
     """
 
-    def __init__(self, model: nn.Module, tracer: Any) -> None:
+    def __init__(self, model: nn.Module, tracer: BlockTracer) -> None:
         self.tracer = tracer
         self.templates: dict[tuple, Template] = {}
         self.hits = 0
@@ -338,6 +355,9 @@ class BlockCache:
                 made[id(x)] = new
         output = tree_unflatten([make(x) for x in out_leaves], spec)
 
+        # each checkpoint region of the template is, in this replay, a region of its own (the checkpoint may wrap
+        # the block's forward, outside this replay, as transformers' GradientCheckpointingLayer does)
+        regions: dict[int, int] = {}
         shift_call = block_index - t.first_call
         shift_save = len(tr.order) - t.first_save
         shift_op = tr.ops - t.first_op
@@ -359,6 +379,7 @@ class BlockCache:
                 end=c.end + shift_save,
                 op_start=c.op_start + shift_op,
                 op_end=c.op_end + shift_op,
+                region=regions.setdefault(c.region, tr.new_region()) if c.region is not None else None,
             )
             tr.calls.append(new)
         tr.order.extend((i + shift_call, make(x)) for i, x in t.order)

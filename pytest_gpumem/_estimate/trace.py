@@ -230,6 +230,10 @@ class _Tracer:
             hooks.__enter__()
             self.pushed.append((call.index, hooks))
 
+    def new_region(self) -> int:
+        """A checkpoint region number of its own (for a replayed block's region)."""
+        return self.regions.setdefault(object(), len(self.regions))
+
     def post(self, module, args, output):
         call = self.calls[self.stack.pop()]
         if self.pushed and self.pushed[-1][0] == call.index:
