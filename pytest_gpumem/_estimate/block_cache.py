@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+from .._core.batch_tree import batch_tensors as _tensors_in
 from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
 
 META = torch.device("meta")
@@ -167,10 +168,8 @@ class _Outputs(torch.autograd.Function):
 class BlockCache:
     """Wraps the forward of every repeated module of a traced model with record-or-replay.
 
-    ``tracer`` must expose ``calls`` (records with index, name, module, parent, depth, saved, children,
-    items, method, inputs, output, end, op_start, op_end), ``stack`` (indices of the calls running),
-    ``order`` (call index, saved tensor), ``ops`` (an op counter), ``uses`` ((op, tensor, how the op touched
-    it) per op tensor), ``paused`` (set while a replay runs its own ops) and a ``new_call(**fields)`` factory.
+    ``tracer`` is the trace's recorder as :class:`BlockTracer` describes it (its call records have index,
+    name, module, parent, depth, saved, children, items, method, inputs, output, end, op_start, op_end).
     """
 
     def __init__(self, model: nn.Module, tracer: BlockTracer) -> None:
