@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
-from .._core.batch_tree import batch_tensors as _tensors_in
+from .._core.tensors import tensors_in as _tensors_in
 from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
 
 META = torch.device("meta")

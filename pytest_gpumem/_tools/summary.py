@@ -26,6 +26,5 @@ def summary(model: nn.Module, batch: Any, *, target: Any = None, loss_fn=None, d
          f"{r.params:,}", format_bytes(r.activation_bytes),
          r.method + (f" (formula: {format_bytes(r.formula_bytes)})" if r.formula_bytes is not None else "")]
         for r in rows], align_left=3, left=(5,))
-    return (f"{table}
-total activations ({device}): {format_bytes(sum(r.activation_bytes for r in rows))}; "
+    return (f"{table}\ntotal activations ({device}): {format_bytes(sum(r.activation_bytes for r in rows))}; "
             f"params: {sum(p.numel() for p in model.parameters()):,}")
