@@ -15,6 +15,7 @@ import pytest
 from . import _options as options
 from ._core import budget as budgets
 from ._core.budget import MARKER
+from ._core.units import parse_bytes
 from ._core.categories import BACKENDS
 
 if TYPE_CHECKING:
@@ -244,8 +245,8 @@ def _rtol(config: pytest.Config) -> float | None:
 def _atol(config: pytest.Config) -> int:
     value = options.text(config, "atol") or options.DEFAULT_ATOL
     try:
-        return budgets.parse_size(value)
-    except budgets.BudgetError as exc:
+        return parse_bytes(value)  # 0 B is a floor that allows nothing, not an empty budget
+    except ValueError as exc:
         raise pytest.UsageError(f"{options.source(config, 'atol')}: {value!r}: {exc}") from None
 
 
