@@ -83,10 +83,11 @@ def _contradictions(manager: "Manager", state: TestState) -> list[str]:
 
     out = []
     for index, estimate in sorted(state.estimates.items()):
-        result = compare(state.reports[index], estimate, rtol)
+        atol = manager.atol_for(state)
+        result = compare(state.reports[index], estimate, rtol, atol)
         if not result.ok:
-            out.append(f"gpumem: the measurement contradicts the estimate (rtol {rtol:g}; pass rtol=False "
-                       f"to gpu_budget to skip this check)\n{result.message}")
+            out.append(f"gpumem: the measurement contradicts the estimate (rtol {rtol:g}, atol {format_bytes(atol)}; "
+                       f"pass rtol=False to gpu_budget to skip this check)\n{result.message}")
     return out
 
 

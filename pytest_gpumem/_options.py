@@ -16,6 +16,8 @@ from ._core.categories import BACKENDS
 
 #: measurement and estimate must agree within this fraction unless a test or the ini says otherwise
 DEFAULT_RTOL = "0.05"
+#: ... or within this many bytes, so a tiny model's allocation order does not flap
+DEFAULT_ATOL = "256KiB"
 _TRUE = ("1", "true", "yes", "y", "on", "t")
 _FALSE = ("0", "false", "no", "n", "off", "f", "")
 
@@ -50,6 +52,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SIZE"),
     Option("rtol", "fail a measured test whose peak or any category differs from the analytical estimate by more "
            "than this fraction (default 0.05); 'off' disables the check", metavar="FRACTION", ini_default=DEFAULT_RTOL),
+    Option("atol", "differences from the estimate below this many bytes never fail (default 256KiB)",
+           metavar="SIZE", ini_default=DEFAULT_ATOL),
     Option("json", "write every gpumem figure of every test to this JSON file (schema 'pytest-gpumem/results' v1)",
            kind="path"),
     Option("save_baseline", "save the measured peaks to this baseline JSON file (meant to be committed); existing "

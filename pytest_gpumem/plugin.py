@@ -15,6 +15,7 @@ import pytest
 from . import _options as options
 from ._core import budget as budgets
 from ._core.budget import MARKER
+from ._core.units import parse_bytes
 from ._core.categories import BACKENDS
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Manager:
                                     f"{', '.join(BACKENDS)}")
         self.default_budget = _default_budget(config)
         self.rtol = _rtol(config)
+        self.atol = _atol(config)
         self.report_wide = options.flag(config, "report_wide")
         self.report_enabled = options.flag(config, "report") or self.report_wide
         #: the CI-gating part, only when one of its options is given (imported only then)
@@ -109,6 +111,10 @@ class Manager:
         """The marker's rtol, else --gpumem-rtol / gpumem_rtol; None when the check is off."""
         rtol = state.budget.rtol if state.budget is not None and state.budget.rtol is not None else self.rtol
         return None if rtol is False else rtol
+
+    def atol_for(self, state: "TestState") -> int:
+        """The marker's atol, else --gpumem-atol / gpumem_atol: bytes below which the estimate check never fails."""
+        return state.budget.atol if state.budget is not None and state.budget.atol is not None else self.atol
 
     # -- judging -----------------------------------------------------------------------------
     @pytest.hookimpl(hookwrapper=True)
@@ -234,6 +240,14 @@ def _rtol(config: pytest.Config) -> float | None:
         return budgets.parse_rtol(value)
     except budgets.BudgetError as exc:
         raise pytest.UsageError(f"{options.source(config, 'rtol')}: {exc}") from None
+
+
+def _atol(config: pytest.Config) -> int:
+    value = options.text(config, "atol") or options.DEFAULT_ATOL
+    try:
+        return parse_bytes(value)  # 0 B is a floor that allows nothing, not an empty budget
+    except ValueError as exc:
+        raise pytest.UsageError(f"{options.source(config, 'atol')}: {value!r}: {exc}") from None
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ MAX_FUNCTION_LINES = 80
 
 #: "module:function" -> the issue that shortens it.
 LONG_FUNCTIONS = {
-    "pytest_gpumem._estimate.peak:estimate_step": "issue 14",
     "pytest_gpumem._estimate.leaves:_leaves": "issue 14",
     "pytest_gpumem._estimate.block_cache:_replay_paused": "issue 14",
     "pytest_gpumem._tools.fuzz:fuzz": "issue 11",

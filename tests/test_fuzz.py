@@ -101,7 +101,7 @@ def _assert_agrees(config, batch_size, backend):
     model = config.build()
     estimate = estimate_step(model, SGD(model.parameters()), inputs, target=target,
                              device="cpu" if backend == "cpu" else "cuda")
-    comparison = compare(report, estimate, 0.02)
+    comparison = compare(report, estimate, 0.02, atol=0)
     assert comparison.ok, comparison.message
 
 
@@ -133,6 +133,7 @@ def test_planted_dropout_bug_is_caught_and_shrunk_to_a_minimal_config(backend):
     with pytest.raises(FuzzFailure) as info:
         fuzz(gst.mlp_configs(min_width=8, max_width=64, min_in_features=8, max_in_features=64),
              batch_sizes=SMALL_BATCHES, optimizer=AGREEING_OPTIMIZERS, backend=backend, rtol=0.02,
+             atol=0,
              estimate=estimate_ignoring_dropout, settings=SHRINK_ONLY)
     case = info.value.case
     # Minimal: every size at its lower bound (an 8-8-2 MLP at batch size 1, plain SGD) -- only the Dropout stays.
@@ -148,7 +149,7 @@ def test_planted_dropout_bug_is_caught_and_shrunk_to_a_minimal_config(backend):
     model = case.model.build()
     estimate = estimate_step(model, SGD(model.parameters()), inputs, target=target,
                              device="cpu" if backend == "cpu" else "cuda")
-    assert compare(report, estimate, 0.02).ok
+    assert compare(report, estimate, 0.02, atol=0).ok
 
 
 # --------------------------------------------------------------------------- fuzz() on a user's own model

@@ -18,10 +18,10 @@ KINDS = ("allocated", "reserved")
 BUDGETED_CATEGORIES = (
     Category.PARAMS, Category.GRADS, Category.OPTIMIZER, Category.BATCH, Category.ACTIVATIONS, Category.TEMPORARIES,
 )
-_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol"}
+_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol"}
 MARKER_SIGNATURE = (
     "gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None)"
+    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None)"
 )
 
 
@@ -39,6 +39,7 @@ class Budget:
     backend: str | None = None
     leak: int | None = None      #: bytes a test may still hold after it ends (None: report only)
     rtol: float | bool | None = None  #: allowed relative difference from the estimate (None: ini default; False: off)
+    atol: int | None = None  #: bytes below which a difference from the estimate never fails (None: ini default)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,7 +129,9 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         rtol = parse_rtol(rtol)
         if rtol is None:
             rtol = False
-    return Budget(total, categories, kind, backend, leak_bytes, rtol)
+    atol = kwargs.get("atol")
+    atol_bytes = None if atol is None else _size("atol", atol, allow_zero=True)
+    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes)
 
 
 def parse_rtol(value: Any) -> float | None:

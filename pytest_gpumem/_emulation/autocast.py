@@ -7,27 +7,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import _compat
+from .._cuda_facts import autocast as facts
 from .substitutions import Proceed, Substitution, _on_meta, _register
 
 
-# The CUDA lists of aten/src/ATen/autocast_mode.cpp (torch releases in _compat.AUTOCAST_LISTS_CHECKED), by
-# python-level name; another torch release gets an UncheckedTorchWarning on import.
+# The CUDA lists (_cuda_facts.autocast, checked for the torch releases in _compat.AUTOCAST_LISTS_CHECKED);
+# another torch release gets an UncheckedTorchWarning on import.
 _compat.warn_if_unchecked("the emulation's autocast op lists", _compat.AUTOCAST_LISTS_CHECKED)
-_LOWER = """conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d conv_transpose3d convolution
-    _convolution cudnn_convolution cudnn_convolution_transpose prelu addmm addmv addr matmul __matmul__
-    __rmatmul__ einsum mm mv linear addbmm baddbmm bmm chain_matmul linalg_multi_dot lstm_cell gru_cell
-    rnn_tanh_cell rnn_relu_cell _thnn_fused_lstm_cell _thnn_fused_gru_cell scaled_dot_product_attention"""
-# cross_entropy is CompositeImplicit on CUDA: log_softmax (fp32 dtype) + nll_loss (fp32) = fp32.
-_FP32 = """acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow __pow__
-    __rpow__ __rdiv__ __rtruediv__ softplus layer_norm native_layer_norm group_norm frobenius_norm
-    nuclear_norm cosine_similarity poisson_nll_loss cosine_embedding_loss nll_loss nll_loss2d
-    hinge_embedding_loss kl_div l1_loss smooth_l1_loss huber_loss mse_loss margin_ranking_loss
-    multilabel_margin_loss soft_margin_loss triplet_margin_loss multi_margin_loss
-    binary_cross_entropy_with_logits dist pdist cdist renorm logsumexp cross_entropy cross_entropy_loss"""
-# fp32_set_opt_dtype / fp32_append_dtype: run with dtype=float32 (no fp32 copy of the input).
-_FP32_DTYPE = """prod softmax log_softmax cumprod cumsum linalg_vector_norm linalg_matrix_norm sum norm"""
-_PROMOTE = """addcdiv addcmul atan2 bilinear cross dot grid_sampler index_put tensordot scatter_add"""
-_BANNED = """binary_cross_entropy"""
+_LOWER, _FP32, _FP32_DTYPE, _PROMOTE, _BANNED = (" ".join(sorted(names)) for names in (
+    facts.LOWER, facts.FP32, facts.FP32_DTYPE, facts.PROMOTE, facts.BANNED))
 _NAMESPACES = _compat.python_op_namespaces()
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .._cuda_facts.dropout import runs_fused
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
 
@@ -14,7 +15,7 @@ def _fused_dropout(func: Callable, args: tuple, kwargs: dict, proceed: Proceed) 
     x, p = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "p", 0.5)
     training = _arg(args, kwargs, 2, "training" if func is F.dropout else "train", True)
     inplace = func is F.dropout and _arg(args, kwargs, 3, "inplace", False)
-    if not (_on_meta(x) and training and not inplace and 0 < p < 1 and x.numel() > 0):
+    if not (_on_meta(x) and runs_fused(p, training, inplace, x.numel())):
         return proceed(args, kwargs)
     return torch.native_dropout(x, p, True)[0]
 

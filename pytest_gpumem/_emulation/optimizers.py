@@ -7,10 +7,8 @@ from typing import Iterator
 import torch
 
 
-_FOREACH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam",
-                       "Adadelta", "ASGD", "Rprop")
-#: optimizers whose functional form keeps the per-parameter loop when lr is a Tensor and capturable=False
-_LOOP_WITH_TENSOR_LR = ("Adam", "AdamW")
+from .._cuda_facts.optimizers import FOREACH_BY_DEFAULT as _FOREACH_OPTIMIZERS
+from .._cuda_facts.optimizers import LOOP_WITH_TENSOR_LR as _LOOP_WITH_TENSOR_LR
 
 
 def _cuda_picks_foreach(optimizer: torch.optim.Optimizer, group: dict) -> bool:

@@ -16,16 +16,39 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+from .._core.tensors import tensors_in as _tensors_in
 from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
 
 META = torch.device("meta")
+
+
+class BlockTracer(Protocol):
+    """What the block cache reads and extends of the trace's recorder (``trace._Tracer``)."""
+
+    calls: list[Any]                      #: call records, in call order
+    stack: list[int]                      #: indices of the calls running now
+    order: list[tuple[int, torch.Tensor]]  #: (call index, saved tensor) in save order
+    save_ops: list[int]                   #: per ``order`` entry, the op that saved it
+    uses: list[tuple[int, torch.Tensor, int]]  #: (op, tensor, how it was used)
+    ops: int                              #: ops run so far
+    passthrough: set[int]                 #: ops whose backward hands the grad on unchanged
+    paused: bool                          #: set while a replay makes its own tensors
+
+    def new_call(self, **fields: Any) -> Any: ...
+
+    def new_region(self) -> int: ...
 _PRIMITIVES = (int, float, str, bool, type(None), torch.dtype, torch.device)
 #: attributes every nn.Module has (hook dicts, registries); they say nothing about what forward computes
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+#: attributes that say only where a block sits, not what it computes: Hugging Face's ``layer_idx`` picks the
+#: layer's KV-cache slot (per-layer behaviour such as sliding windows is set as attributes of its own, which
+#: the signature keeps). Without this no decoder layer of a transformers model is ever replayed. A forward
+#: that branches on ``layer_idx`` itself needs ``estimate_step(..., reuse_blocks=False)``.
+_POSITION_ONLY = frozenset({"layer_idx"})
 
 
 def _key(t: torch.Tensor) -> int:
@@ -48,7 +71,7 @@ def module_signature(module: nn.Module) -> tuple:
     parts = []
     for name, sub in module.named_modules(remove_duplicate=False):
         attrs = tuple(sorted((k, _value_signature(v)) for k, v in vars(sub).items()
-                             if k not in _MODULE_INTERNALS and k != "forward"))
+                             if k not in _MODULE_INTERNALS and k not in _POSITION_ONLY and k != "forward"))
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False))
         buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False))
         parts.append((name, type(sub), attrs, params, buffers))
@@ -125,6 +148,7 @@ class Template:
     descs: dict[int, _Desc] = field(default_factory=dict)  #: id(template tensor) -> how to rebuild it
     first_op: int = 0                       #: the tracer's op counter when the block began
     n_ops: int = 0                          #: ops the block ran
+    passthrough: frozenset = frozenset()    #: ops (from first_op) whose backward passes the grad on as is
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
@@ -144,13 +168,11 @@ class _Outputs(torch.autograd.Function):
 class BlockCache:
     """Wraps the forward of every repeated module of a traced model with record-or-replay.
 
-    ``tracer`` must expose ``calls`` (records with index, name, module, parent, depth, saved, children,
-    items, method, inputs, output, end, op_start, op_end), ``stack`` (indices of the calls running),
-    ``order`` (call index, saved tensor), ``ops`` (an op counter), ``uses`` ((op, tensor, how the op touched
-    it) per op tensor), ``paused`` (set while a replay runs its own ops) and a ``new_call(**fields)`` factory.
+    ``tracer`` is the trace's recorder as :class:`BlockTracer` describes it (its call records have index,
+    name, module, parent, depth, saved, children, items, method, inputs, output, end, op_start, op_end).
     """
 
-    def __init__(self, model: nn.Module, tracer: Any) -> None:
+    def __init__(self, model: nn.Module, tracer: BlockTracer) -> None:
         self.tracer = tracer
         self.templates: dict[tuple, Template] = {}
         self.hits = 0
@@ -213,6 +235,7 @@ class BlockCache:
         uses = tr.uses[first_use:]
         template = self._record(module, leaves, output, first_call, first_save, seen.created, uses)
         template.first_op, template.n_ops = first_op, tr.ops - first_op
+        template.passthrough = frozenset(op - first_op for op in tr.passthrough if op >= first_op)
         self.templates[key] = template
         return output
 
@@ -331,6 +354,9 @@ class BlockCache:
                 made[id(x)] = new
         output = tree_unflatten([make(x) for x in out_leaves], spec)
 
+        # each checkpoint region of the template is, in this replay, a region of its own (the checkpoint may wrap
+        # the block's forward, outside this replay, as transformers' GradientCheckpointingLayer does)
+        regions: dict[int, int] = {}
         shift_call = block_index - t.first_call
         shift_save = len(tr.order) - t.first_save
         shift_op = tr.ops - t.first_op
@@ -346,16 +372,19 @@ class BlockCache:
                 children=c.children,
                 items=tuple(make(x) for x in c.items) if c.items is not None else None,
                 method=c.method,
+                formula_items=tuple(make(x) for x in c.formula_items) if c.formula_items is not None else None,
                 inputs=tuple(make(x) for x in c.inputs),
                 output=tree_map(make, c.output),
                 end=c.end + shift_save,
                 op_start=c.op_start + shift_op,
                 op_end=c.op_end + shift_op,
+                region=regions.setdefault(c.region, tr.new_region()) if c.region is not None else None,
             )
             tr.calls.append(new)
         tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
         tr.save_ops.extend(op + shift_op for op in t.save_ops)
         tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
+        tr.passthrough.update(op + tr.ops for op in t.passthrough)
         tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)
         block.children = t.children

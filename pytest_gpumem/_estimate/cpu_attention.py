@@ -20,8 +20,8 @@ class _CpuAttention(TorchFunctionMode):
             q, k, v = bound["query"], bound["key"], bound["value"]
             fits = (q.device.type == "meta" and q.dim() == k.dim() == v.dim() == 4 and q.is_floating_point()
                     and q.dtype == k.dtype == v.dtype and q.size(-1) == k.size(-1) == v.size(-1)
-                    and q.size(1) == k.size(1) == v.size(1) and not bound.get("dropout_p", 0.0)
-                    and not bound.get("enable_gqa", False) and len(args) <= 6)
+                    and k.size(1) == v.size(1) and _heads_fit(q, k, bool(bound.get("enable_gqa", False)))
+                    and not bound.get("dropout_p", 0.0) and len(args) <= 6)
             if fits:
                 return cpu_flash_attention(q, k, v, is_causal=bool(bound.get("is_causal", False)),
                                            attn_mask=bound.get("attn_mask"), scale=bound.get("scale"))
@@ -32,3 +32,9 @@ class _CpuAttention(TorchFunctionMode):
                 return without_torch_function_checks(func)(*args, **kwargs)
         return func(*args, **kwargs)
 
+
+
+def _heads_fit(q: torch.Tensor, k: torch.Tensor, enable_gqa: bool) -> bool:
+    """Equal head counts, or grouped-query attention: the CPU flash kernel takes k/v with fewer heads as they
+    are, without expanding them (measured on torch 2.14: saves k and v at 2 heads beside q at 4)."""
+    return q.size(1) == k.size(1) or (enable_gqa and q.size(1) % k.size(1) == 0)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from .._cuda_facts.dropout import mask_bytes
+
 SavedItem = Union[torch.Tensor, int]
 Formula = Callable[[nn.Module, "tuple[Any, ...]", Any, str], "tuple[SavedItem, ...]"]
 
@@ -128,8 +130,7 @@ def dropout(module: nn.Dropout, inputs, output, device: str) -> tuple[SavedItem,
     x = _first(inputs)
     if not module.training or module.p == 0 or not x.requires_grad:
         return ()
-    per_element = 1 if device == "cuda" else x.dtype.itemsize
-    return (x.numel() * per_element,)
+    return (mask_bytes(x.numel(), x.dtype.itemsize, device),)
 
 
 @activation_formula(nn.MaxPool2d, nn.MaxPool3d)

@@ -1,9 +1,11 @@
 """The per-layer rows of an estimate: output shape, own parameters, activation bytes, method."""
 from __future__ import annotations
 
+import torch
+
 from .results import LayerEstimate
 from .saves import _Save
-from .storages import _tensors
+from .storages import _storage_key, _tensors
 from .trace import _Trace
 
 
@@ -23,6 +25,25 @@ def _layer_table(trace: _Trace, saves: list[_Save], covered: list[bool]) -> tupl
             params = sum(p.numel() for p in c.module.parameters(recurse=c.items is not None))
         outs = _tensors(c.output)
         shape = tuple(outs[0].shape) if outs else None
-        type_name = type(c.module).__name__ if c.module is not None else "loss"
-        rows.append(LayerEstimate(c.name, type_name, shape, params, by_call.get(c.index, 0), c.method, c.depth))
+        type_name = type(c.module).__name__ if c.module is not None else ("ops" if c.parent is not None else "loss")
+        rows.append(LayerEstimate(c.name, type_name, shape, params, by_call.get(c.index, 0), c.method, c.depth,
+                                  _formula_bytes(c.formula_items, trace)))
     return tuple(rows)
+
+
+def _formula_bytes(items: tuple | None, trace: _Trace) -> int | None:
+    """Bytes a formula's items stand for: its own tensors' storages (not parameters or the batch) and ints."""
+    if items is None:
+        return None
+    skip = trace.param_keys | trace.batch_keys
+    seen: set[int] = set()
+    total = 0
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            key = _storage_key(item)
+            if key not in skip and key not in seen:
+                seen.add(key)
+                total += item.untyped_storage().nbytes()
+        elif isinstance(item, int):
+            total += item
+    return total

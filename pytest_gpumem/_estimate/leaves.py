@@ -69,7 +69,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
     saved_now: set[int] = set()
     next_save = 0
     for c in (trace.calls[i] for i in leaf_calls):
-        while next_save < len(saved_by_position) and saved_by_position[next_save][0] <= c.end:
+        while next_save < len(saved_by_position) and saved_by_position[next_save][0] < c.end:
             if saved_by_position[next_save][1] is not None:
                 saved_now.add(saved_by_position[next_save][1])
             next_save += 1
@@ -78,6 +78,9 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         out_key = _storage_key(out)
         in_key = _storage_key(x) if x is not None else None
         in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
+        if c.module is None and c.parent is not None and c.op_end > c.op_start and all(
+                op in trace.passthrough for op in range(c.op_start, c.op_end)):
+            in_needs = False  # a segment of adds and views: its input grads are its output's grad, not new
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
         in_keys = {_storage_key(t) for t in c.inputs}
         live_keys = [k for k in life.alive_through(c) if k not in saved_now and k != out_key and k not in skip]
@@ -85,8 +88,12 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         in_live = tuple(life.storage[k] for k in live_keys if k not in saved_ever)
         if out_new and out_key in saved_ever:
             later, out_new = later + (out_new,), 0
+        # an add hands its output's grad to both inputs as one buffer: an earlier branch's grad that comes from
+        # the same add as this call's output grad is that very buffer, not one more
+        shared = life.last_grad.get(out_key)
+        shared = shared if shared in trace.passthrough else None
         cross = tuple(life.grad[k] for k in life.grad_through(c) if k not in in_keys and k != out_key
-                      and k not in skip)
+                      and k not in skip and (shared is None or life.last_grad.get(k) != shared))
         own_casts = [cast for cast in life.casts if c.op_start <= cast[0] < c.op_end]
         in_live += tuple(b for _, _, k, b in own_casts if k not in saved_now)
         grads, grad_ops = tuple(grads_of.pop(c.index, ())), ()
@@ -262,9 +269,9 @@ def _param_grads_by_call(trace: _Trace, covered: list[bool],
         if not p.requires_grad:
             continue
         if id(p) in trace.loss_params and loss_call is not None:
-            out.setdefault(loss_call, []).append(_nbytes(p))
+            out.setdefault(loss_call, []).append(trace.grad_nbytes(p))
             if id(p) in owner:
-                accum.setdefault(owner[id(p)], []).append(_nbytes(p))
+                accum.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
         elif id(p) in owner:
-            out.setdefault(owner[id(p)], []).append(_nbytes(p))
+            out.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
     return out, accum

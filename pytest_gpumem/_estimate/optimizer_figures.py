@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import optimizer_rules_factored  # noqa: F401  (registers Adafactor, SparseAdam)
 from .optimizer_rules import is_foreach, rule_for, state_bytes_on
 from .storages import _nbytes
 
@@ -50,3 +51,20 @@ def _optimizer_figures(optimizer, device: str, rnd, hooks,
         notes.append(f"no optimizer rule for {type(optimizer).__name__}: its state is not estimated "
                      "(implement pytest_gpumem_optimizer_state_bytes)")
     return raw, alloc, temps, bool(rule and rule.eager)
+
+
+def _foreign_params(optimizer, model) -> tuple[int, int]:
+    """(count, bytes) of the tensors ``optimizer`` steps that are not parameters of ``model``."""
+    if optimizer is None:
+        return 0, 0
+    own = {id(p) for p in model.parameters()}
+    foreign = {id(p): p for g in optimizer.param_groups for p in g["params"] if id(p) not in own}
+    return len(foreign), sum(_nbytes(p) for p in foreign.values())
+
+
+def _has_rule(optimizer, hooks) -> bool:
+    """Whether the optimizer's state can be estimated: a table rule, or a hook implementation answering it."""
+    if optimizer is None or rule_for(optimizer) is not None:
+        return True
+    return any(h.pytest_gpumem_optimizer_state_bytes.get_hookimpls() for h in hooks
+               if hasattr(h.pytest_gpumem_optimizer_state_bytes, "get_hookimpls"))

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .._cuda_facts.optimizers import takes_foreach
+
 #: A param group as torch keeps it: hyper-parameters by name, plus "params".
 Group = Mapping[str, Any]
 
@@ -87,10 +89,7 @@ def _step(group: Group, name: str = "step", *, fused_ok: bool = True) -> StateTe
 
 def is_foreach(group: Group, device: str) -> bool:
     """Whether step() takes the multi-tensor path: explicit group flag, else torch's default for the device (CUDA -> foreach)."""
-    if group.get("fused"):
-        return False
-    flag = group.get("foreach")
-    return bool(flag) if flag is not None else device == "cuda" and not group.get("differentiable", False)
+    return takes_foreach(group, device)
 
 
 # -- temporaries ------------------------------------------------------------------------------

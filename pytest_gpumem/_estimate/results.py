@@ -20,12 +20,14 @@ class LayerEstimate:
     activation_bytes: int     #: bytes first saved by this call (after dedup), as the device allocates them
     method: str               #: "formula", "traced" or "hook"
     depth: int = 0
+    formula_bytes: int | None = None  #: the closed-form figure where the peak rests on the trace (cross-check)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "type": self.type,
             "output_shape": list(self.output_shape) if self.output_shape is not None else None,
             "params": self.params, "activation_bytes": self.activation_bytes, "method": self.method,
+            "formula_bytes": self.formula_bytes,
         }
 
 
@@ -49,6 +51,10 @@ class Estimate:
     step_peaks: tuple[int, ...] = ()
     categories: dict[Category, int] = field(default_factory=dict)  #: category totals, as a dict
     category_peaks: dict[Category, int] = field(default_factory=dict)  #: most bytes per category at any phase peak
+    unestimated: tuple[str, ...] = ()  #: categories the estimate cannot give (an optimizer without a rule)
+    #: (count, bytes) of tensors the optimizer steps that are not the model's parameters
+    foreign_optimizer_params: tuple[int, int] = (0, 0)
+    autocast_inside: str | None = None  #: an autocast region the model or loss entered itself, as written
 
     def category_peak(self, category: Category) -> int:
         """Like StepReport.category_peak: the most bytes ``category`` held at any phase peak."""
@@ -67,6 +73,8 @@ class Estimate:
             "step_peaks": list(self.step_peaks),
             "layers": [layer.to_dict() for layer in self.layers],
             "notes": list(self.notes),
+            "unestimated": list(self.unestimated),
+            "foreign_optimizer_params": list(self.foreign_optimizer_params),
         }
 
     def table(self) -> str:

@@ -15,6 +15,7 @@ from . import layer_formulas as formulas
 from .block_cache import BlockCache
 from .cpu_attention import _CpuAttention
 from .meta_twin import _to_meta, meta_twin
+from .segments import split_own_ops
 from .storages import _storage_key, _tensors
 
 
@@ -37,6 +38,7 @@ class _Call:
     region: int | None = None        #: checkpoint region this call opened (its saves are recomputed, not kept)
     op_start: int = 0                #: op counter (see _Uses) when the call began
     op_end: int = 0                  #: op counter when the call ended
+    formula_items: tuple | None = None  #: device="cpu": the closed-form answer, kept as a cross-check
 
 
 @dataclass
@@ -52,6 +54,14 @@ class _Trace:
     loss_params: frozenset[int] = frozenset()  #: ids of twin parameters the loss uses directly (e.g. an L1 penalty)
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: (op, tensor, OUT/IN/GRAD_IN)
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
+    #: twin parameter id -> its gradient's bytes where that is not the parameter's (Embedding(sparse=True))
+    grad_bytes: dict[int, int] = field(default_factory=dict)
+    user_autocast: str | None = None  #: an autocast region the model or loss entered itself (not traced as such)
+    passthrough: frozenset = frozenset()  #: ops whose backward hands the output's grad on unchanged
+
+    def grad_nbytes(self, p: torch.Tensor) -> int:
+        """Bytes of twin parameter ``p``'s gradient after backward."""
+        return self.grad_bytes.get(id(p), p.numel() * p.element_size())
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -91,9 +101,23 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
                                                            model.parameters(), model.buffers())}
     batch_keys = {_storage_key(t) for t in _tensors((inputs, meta_target))}
     reused = (cache.hits, cache.records) if cache is not None else (0, 0)
-    return _Trace(tracer.calls, tracer.order, param_keys, batch_keys, output, loss, twin, reused,
+    calls, order = split_own_ops(tracer.calls, tracer.order, tracer.save_ops, tracer.uses, _Call)
+    return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
-                  tracer.uses, tracer.save_ops)
+                  tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast,
+                  frozenset(tracer.passthrough))
+
+
+def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
+    """An ``Embedding(sparse=True)`` weight's grad is a sparse COO tensor: per looked-up index an int64 index
+    and a row of values; calls add up (sparse grads accumulate by concatenation, uncoalesced)."""
+    out: dict[int, int] = {}
+    for c in calls:
+        m = c.module
+        if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad and c.inputs:
+            n = c.inputs[0].numel()
+            out[id(m.weight)] = out.get(id(m.weight), 0) + n * 8 + n * m.weight.shape[1] * m.weight.element_size()
+    return out
 
 
 def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[int]:
@@ -119,6 +143,16 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     return frozenset(found)
 
 
+#: ops whose backward passes the output's gradient to every input as it is, allocating none (an add of two
+#: branches, a residual add, views): a call made only of them makes no input gradient in backward
+_aten = torch.ops.aten
+PASSTHROUGH_OPS = frozenset({
+    _aten.add.Tensor, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
+    _aten.transpose.int, _aten.permute.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.alias.default,
+    _aten.detach.default,
+})
+
+
 #: how an op touched a tensor (``_Uses``): made it, read it, or read it differentiably (a grad flows back)
 OUT, IN, GRAD_IN = 0, 1, 2
 
@@ -139,6 +173,8 @@ class _Uses(TorchDispatchMode):
         if not tr.paused:
             op = tr.ops
             tr.ops += 1
+            if func in PASSTHROUGH_OPS and (func is not torch.ops.aten.add.Tensor or kwargs.get("alpha", 1) == 1):
+                tr.passthrough.add(op)
             for t in _tensors((args, kwargs)):
                 tr.uses.append((op, t, GRAD_IN if t.requires_grad and t.is_floating_point() else IN))
             for t in _tensors(out):
@@ -161,12 +197,21 @@ class _Tracer:
         self.regions: dict[Any, int] = {}  #: checkpoint pack hook -> region number (one per checkpoint call)
         self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
         self.ops = 0  #: ops run so far (the _Uses counter)
+        self.passthrough: set[int] = set()  #: ops whose backward hands the output's grad on unchanged (add, views)
         self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
         self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
+        #: autocast the model or loss entered itself (meta tensors ignore it, so the trace ran in full precision)
+        self.user_autocast: str | None = None
+        self.watch_autocast = True
 
     new_call = staticmethod(lambda **fields: _Call(**fields))
 
     def pre(self, module, args):
+        if self.user_autocast is None and self.watch_autocast:
+            # module hooks run above autocast (a dispatch mode runs below it and sees it off)
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    self.user_autocast = f"torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)})"
         parent = self.stack[-1] if self.stack else None
         call = _Call(len(self.calls), self.names.get(id(module), "") or type(module).__name__, module, parent,
                      len(self.stack))
@@ -185,6 +230,10 @@ class _Tracer:
             hooks.__enter__()
             self.pushed.append((call.index, hooks))
 
+    def new_region(self) -> int:
+        """A checkpoint region number of its own (for a replayed block's region)."""
+        return self.regions.setdefault(object(), len(self.regions))
+
     def post(self, module, args, output):
         call = self.calls[self.stack.pop()]
         if self.pushed and self.pushed[-1][0] == call.index:
@@ -196,8 +245,16 @@ class _Tracer:
                 call.items, call.method = (int(answer),), "hook"
                 return
         fn = formulas.formula_for(module, autocast=torch.is_autocast_enabled("cuda"))
-        if fn is not None:
-            call.items, call.method = tuple(fn(module, call.inputs, output, self.device)), "formula"
+        if fn is None:
+            return
+        items = tuple(fn(module, call.inputs, output, self.device))
+        if self.device == "cuda":
+            # CUDA kernels save what the formulas say (cuDNN, fused dropout), not what meta's CPU-like kernels do
+            call.items, call.method = items, "formula"
+        else:
+            # on the CPU what the meta trace saves is what the CPU saves: the formula is a cross-check only
+            # (a subclass overriding forward, timm's BatchNormAct2d, or an inplace activation is not its base)
+            call.formula_items = items
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         if self.stack:
@@ -216,6 +273,7 @@ class _Tracer:
         from .._core.step_calls import call_model, default_loss
 
         inputs, meta_target = _to_meta(batch), _to_meta(target)
+        self.watch_autocast = autocast_dtype is None
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
             stack.enter_context(_Uses(self))

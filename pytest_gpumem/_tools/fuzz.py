@@ -123,6 +123,7 @@ def fuzz(
     optimizer: Any = None,
     budget: Union[int, str, None] = None,
     rtol: float = 0.05,
+    atol: Optional[int] = None,
     backend: str = "auto",
     max_examples: Optional[int] = None,
     settings: Optional[hypothesis.settings] = None,
@@ -131,7 +132,8 @@ def fuzz(
     on_example: Optional[Callable[[Any], None]] = None,
     **model_args: Any,
 ) -> FuzzResult:
-    """Check over hypothesis examples that measure_step agrees with estimate_step within ``rtol`` and fits ``budget``.
+    """Check over hypothesis examples that measure_step agrees with estimate_step within ``rtol`` (or ``atol``
+    bytes, default 256 KiB, as the plugin's check) and fits ``budget``.
 
     ``make_model`` is either a strategy of configs with ``.build()`` and ``.make_batch(batch_size)`` (see
     ``pytest_gpumem.strategies``), or a callable whose keyword arguments are drawn from the strategies in
@@ -151,7 +153,7 @@ def fuzz(
     ...      backend="cpu", max_examples=20)  # doctest: +SKIP
     """
     from .._measure.backends import resolve_backend_name
-    from .contradiction import compare
+    from .contradiction import DEFAULT_ATOL, compare
     from .._estimate import estimate_step
     from .._measure.step import measure_step
 
@@ -180,7 +182,7 @@ def fuzz(
         # The estimate gets its own fresh model and optimizer: the measured step has trained the first pair.
         model, opt, inputs, target = _instantiate(case, make_model, make_batch)
         est = estimate(model, opt, inputs, target=target, loss_fn=loss_fn, device=device)
-        comparison = compare(report, est, rtol)
+        comparison = compare(report, est, rtol, DEFAULT_ATOL if atol is None else atol)
         _record(result, case, comparison, report.peak)
         if not comparison.ok:
             raise FuzzFailure(f"estimate and measurement disagree for {case!r}\n{comparison.message}",
