@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -22,7 +22,7 @@ class Step:
 
     def loss(self, output: Any) -> torch.Tensor:
         """The loss the step computes from the model's output (cross-entropy / MSE by default)."""
-        from pytest_gpumem.loss import default_loss
+        from pytest_gpumem._core.step_calls import default_loss
 
         return (self.loss_fn or default_loss)(output, self.target)
 
@@ -34,7 +34,7 @@ class Entry:
     name: str
     family: str                          #: timm, torchvision, transformers, rnn, peft, lightning
     build: Callable[[], Step]            #: seeded by the caller; builds on the CPU
-    rules: tuple[str, ...]               #: keys of rules.RULES that make the emulated peak differ from cpu
+    rules: tuple[str, ...]               #: keys of rules.RULES that make the emulated figures differ from cpu
     requires: tuple[str, ...] = ()       #: importable packages the entry needs
     #: why the emulated backend cannot run it yet: the failing op and the code that calls it (xfail strict)
     emulated_xfail: str | None = None
@@ -49,9 +49,13 @@ class Entry:
 
 
 REGISTRY: dict[str, Entry] = {}
+#: rules every entry has: blocks are rounded on CUDA, and every zoo batch starts on the host
+BASE_RULES = ("block-rounding", "batch-moved")
 
 
 def register(entry: Entry) -> Entry:
+    """Add ``entry`` (with the base rules) to the registry; a name used twice or an unknown rule is an error."""
+    entry = replace(entry, rules=tuple(dict.fromkeys((*BASE_RULES, *entry.rules))))
     if entry.name in REGISTRY:
         raise ValueError(f"zoo entry {entry.name!r} registered twice")
     from .rules import RULES

@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch.utils._pytree import tree_flatten
 
-from pytest_gpumem.loss import call_model
+from pytest_gpumem._core.step_calls import call_model
 
 from .entry import Step
 

@@ -7,7 +7,7 @@ from torch import nn
 from .entry import Entry, Step, adamw, register, token_loss, tokens
 from .text import TINY
 
-RNN_RULES = ("block-rounding", "adam-step-on-host", "foreach-optimizer", "rnn-without-cudnn")
+RNN_RULES = ("adam-step-on-host", "foreach-optimizer", "rnn-kernels")
 
 
 class RecurrentLM(nn.Module):
@@ -42,7 +42,7 @@ class GRUClassifier(nn.Module):
 def _rnn_lm(**kwargs) -> Step:
     model = RecurrentLM(**kwargs)
     ids = tokens(2, 32, 256)
-    return Step(model, adamw(model), ids, ids, token_loss)
+    return Step(model, adamw(model), ids, ids.clone(), token_loss)
 
 
 def _gru_classifier() -> Step:
@@ -69,10 +69,10 @@ def _lora(base: str) -> Step:
                            LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.05,
                                       fan_in_fan_out=base == "gpt2"))
     ids = tokens(2, 32, 256)
-    return Step(model, adamw(model), {"input_ids": ids}, ids, token_loss)
+    return Step(model, adamw(model), {"input_ids": ids}, ids.clone(), token_loss)
 
 
-LORA_RULES = ("block-rounding", "adam-step-on-host", "foreach-optimizer", "sdpa-cuda-kernel", "dropout-bool-mask")
+LORA_RULES = ("adam-step-on-host", "foreach-optimizer", "sdpa-cuda-kernel", "dropout-bool-mask")
 register(Entry("peft_lora_llama", "peft", lambda: _lora("llama"), LORA_RULES, ("peft", "transformers"),
                notes="r=8 on q_proj and v_proj; only the adapters train"))
 register(Entry("peft_lora_gpt2", "peft", lambda: _lora("gpt2"), LORA_RULES, ("peft", "transformers"),
@@ -105,5 +105,5 @@ def _lightning() -> Step:
 
 
 register(Entry("lightning_module", "lightning", _lightning,
-               ("block-rounding", "adam-step-on-host", "foreach-optimizer", "dropout-bool-mask"), ("lightning",),
+               ("adam-step-on-host", "foreach-optimizer", "dropout-bool-mask"), ("lightning",),
                notes="forward() measured with the loss training_step computes (cross-entropy)"))
