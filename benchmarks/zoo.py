@@ -105,7 +105,7 @@ def main() -> None:
         fmt = (lambda v: format_bytes(v) if v is not None else "-")
         print(f"{r.name:28s} {fmt(r.cpu):>11s} {fmt(r.memtracker):>11s} {_ratio(r.memtracker, r.cpu):>7s} "
               f"{fmt(r.emulated):>11s} {_ratio(r.emulated, r.cpu):>7s} {r.seconds:5.1f}  {r.status}")
-        for line in r.explanation:
+        for line in ([REGISTRY[name].notes] if REGISTRY[name].notes else []) + r.explanation:
             print(f"{'':30s}{line}")
         sys.stdout.flush()
     worst = max((abs(r.memtracker / r.cpu - 1) for r in rows if r.cpu and r.memtracker), default=0.0)

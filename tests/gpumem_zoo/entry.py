@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -38,10 +38,7 @@ class Entry:
     requires: tuple[str, ...] = ()       #: importable packages the entry needs
     #: why the emulated backend cannot run it yet: the failing op and the code that calls it (xfail strict)
     emulated_xfail: str | None = None
-    #: why torch's MemTracker cannot measure it (the cpu figure then has no oracle); None: it can
-    memtracker_skip: str | None = None
-    notes: str = ""
-    tags: frozenset[str] = field(default_factory=frozenset)
+    notes: str = ""                      #: what is special about the configuration, in words
 
     def missing(self) -> list[str]:
         """Packages the entry needs that are not installed."""

@@ -73,7 +73,7 @@ def _segmentation(build) -> Step:
 
 
 def _tv_dense() -> None:
-    from torchvision.models import detection, segmentation
+    from torchvision.models import segmentation
 
     register(Entry("tv_lraspp_mobilenet_v3", "torchvision", lambda: _segmentation(
         lambda: segmentation.lraspp_mobilenet_v3_large(num_classes=5, weights_backbone=None)), SGD_RULES))
