@@ -47,7 +47,7 @@ def _rnn_lm(**kwargs) -> Step:
 
 def _gru_classifier() -> Step:
     model = GRUClassifier()
-    return Step(model, adamw(model), torch.randn(2, 32, 32), torch.randint(0, 10, (2,)))
+    return Step(model, adamw(model), torch.randn(2, 16, 32), torch.randint(0, 10, (2,)))  # 16 steps of 32 features
 
 
 register(Entry("lstm_lm", "rnn", _rnn_lm, RNN_RULES))
