@@ -50,16 +50,13 @@ def _decoders() -> None:
     req = ("transformers",)
     register(Entry("hf_gpt2", "transformers", lambda: _causal_lm(_gpt2()), HF_RULES, req))
     register(Entry("hf_gpt2_checkpointing", "transformers", lambda: _causal_lm(_gpt2(), checkpointing=True),
-                   HF_RULES, req, emulated_xfail="Tensor.all() -> aten._local_scalar_dense in transformers' "
-                   "masking_utils (the mask built when gradient checkpointing turns use_cache off)"))
+                   HF_RULES, req))
     register(Entry("hf_gpt2_adafactor", "transformers", lambda: _causal_lm(_gpt2(), optimizer=_adafactor),
-                   HF_RULES, req, emulated_xfail="Tensor.item() -> aten._local_scalar_dense in "
-                   "torch.optim.Adafactor's step (its relative step size reads a value)"))
+                   HF_RULES, req))
     register(Entry("hf_llama_gqa", "transformers", lambda: _causal_lm(_llama()), DECODER_RULES, req,
                    notes="4 query heads, 2 key/value heads (GQA: HF passes enable_gqa=True)"))
     register(Entry("hf_llama_no_cache", "transformers", lambda: _causal_lm(_llama(use_cache=False)),
-                   DECODER_RULES, req, emulated_xfail="Tensor.all() -> aten._local_scalar_dense in "
-                   "transformers' masking_utils (use_cache=False builds the causal mask by value)"))
+                   DECODER_RULES, req))
     register(Entry("hf_llama_bf16_autocast", "transformers",
                    lambda: _causal_lm(_llama(), autocast_dtype=torch.bfloat16), (*DECODER_RULES, "autocast-cuda"), req))
     register(Entry("hf_qwen2_tied", "transformers", lambda: _causal_lm(_qwen2()), DECODER_RULES, req,
@@ -124,8 +121,7 @@ def _encoders() -> None:
     req = ("transformers",)
     register(Entry("hf_bert_mlm", "transformers", _bert, HF_RULES, req))
     register(Entry("hf_bert_padded", "transformers", lambda: _bert(_padded_mask()), HF_RULES, req,
-                   emulated_xfail="Tensor.all() -> aten._local_scalar_dense in transformers' masking_utils "
-                   "(a padding mask is checked by value)"))
+                   notes="the second sequence is half padding: an explicit mask"))
     register(Entry("hf_t5", "transformers", _t5, (*HF_RULES,), req))
     register(Entry("hf_vit", "transformers", _vit, HF_RULES, req))
     register(Entry("hf_whisper", "transformers", _whisper, HF_RULES, req))
