@@ -31,6 +31,7 @@ __all__ = [
     "allocator_snapshot",
     "amp_availability_patch_target",
     "checks_torch_function",
+    "cuda_cudnn_attention",
     "cuda_efficient_attention",
     "cuda_flash_attention",
     "compiled_original",
@@ -48,6 +49,7 @@ __all__ = [
     "record_allocator_trace",
     "record_memory_history",
     "running_backward",
+    "sdp_backends_enabled",
     "sequence_nr",
     "set_hypothesis_digest",
     "sparse_parts",
@@ -159,6 +161,21 @@ def cuda_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The output of ``aten._scaled_dot_product_efficient_attention`` (memory-efficient kernel; torch >= 2.1)."""
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, bias, compute_log_sumexp, dropout_p, is_causal, scale=scale)[0]
+
+
+def cuda_cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, *,
+                         compute_log_sumexp: bool, dropout_p: float, is_causal: bool,
+                         scale: float | None) -> torch.Tensor:
+    """The output of ``aten._scaled_dot_product_cudnn_attention`` (cuDNN's fused kernel; torch >= 2.5)."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, bias, compute_log_sumexp, dropout_p, is_causal, False, scale=scale)[0]
+
+
+def sdp_backends_enabled() -> dict[str, bool]:
+    """torch.backends.cuda's switches for the SDPA kernels (what ``sdpa_kernel(...)`` sets), readable without a GPU."""
+    cuda = torch.backends.cuda
+    return {"flash": cuda.flash_sdp_enabled(), "cudnn": cuda.cudnn_sdp_enabled(),
+            "efficient": cuda.mem_efficient_sdp_enabled(), "math": cuda.math_sdp_enabled()}
 
 
 # --- saved-tensors hooks and checkpointing ---------------------------------------------------------------

@@ -97,6 +97,24 @@ def test_foreach_sqrt_op():
     assert torch.equal(out[0], torch.full((2,), 2.0)), _moved("aten._foreach_sqrt.default")
 
 
+def test_cudnn_attention_on_meta_accepts_grouped_query_shapes():
+    # 4 query heads over 2 key/value heads: the output has the query's shape (B, Hq, L, E) = (2, 4, 5, 8)
+    q = torch.empty(2, 4, 5, 8, device="meta", dtype=torch.bfloat16)
+    k = v = torch.empty(2, 2, 5, 8, device="meta", dtype=torch.bfloat16)
+    out = _compat.cuda_cudnn_attention(q, k, v, None, compute_log_sumexp=True, dropout_p=0.0, is_causal=True,
+                                       scale=None)
+    assert out.shape == (2, 4, 5, 8), _moved("aten._scaled_dot_product_cudnn_attention")
+
+
+def test_sdp_backend_switches_follow_sdpa_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        assert _compat.sdp_backends_enabled() == {"flash": True, "cudnn": False, "efficient": False, "math": False}, \
+            _moved("torch.backends.cuda.*_sdp_enabled")
+    assert all(_compat.sdp_backends_enabled().values())
+
+
 def test_attention_kernels_on_meta_return_the_output_shape():
     # (B, H, L, E) = (2, 3, 5, 8): every kernel's output is B*H*L*E like q
     q = k = v = torch.empty(2, 3, 5, 8, device="meta", dtype=torch.float16)

@@ -158,7 +158,7 @@ def test_sdpa_saves_logsumexp_not_the_attention_matrix(dtype):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
-def test_sdpa_with_a_bool_mask_takes_the_efficient_kernel():
+def test_sdpa_with_a_bool_mask_takes_a_fused_kernel_with_an_additive_bias():  # cuDNN on sm90
     b, h, l, d = 2, 2, 20, 8
     q, k, v = qkv(b, h, l, l, d, torch.float16)
     mask = torch.ones(l, l, dtype=torch.bool, device=META).tril()

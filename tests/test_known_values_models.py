@@ -12,6 +12,11 @@ transformers = pytest.importorskip("transformers")
 HERE = __file__.rsplit("/", 1)[-1]
 
 
+
+def value_notes(report) -> tuple:
+    """The report's notes about values read, without the attention kernel notes every attention call adds."""
+    return tuple(n for n in report.notes if not n.startswith("attention assumed on"))
+
 def hf_loss(output, target):
     return output.loss
 
@@ -42,7 +47,7 @@ def test_bert_with_a_padded_attention_mask():
     ids, mask = padded_ids()
     reports = both(model, torch.optim.AdamW, {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])})
     same_state(reports)
-    assert reports["emulated"].notes == ()
+    assert value_notes(reports["emulated"]) == ()
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -54,7 +59,7 @@ def test_llama_without_cache_builds_its_causal_mask_from_values(padded):
     batch = {"input_ids": ids, "labels": ids, "attention_mask": mask if padded else torch.ones_like(mask)}
     reports = both(model, torch.optim.AdamW, batch)
     same_state(reports)
-    assert reports["emulated"].notes == ()
+    assert value_notes(reports["emulated"]) == ()
 
 
 def test_gpt2_with_gradient_checkpointing_recomputes_with_cuda_kernels():
@@ -78,7 +83,7 @@ def test_adafactor_reads_norms_with_item_and_gets_a_note_naming_the_line():
     ids, _ = padded_ids()
     reports = both(model, torch.optim.Adafactor, {"input_ids": ids, "labels": ids})
     same_state(reports)
-    notes = reports["emulated"].notes
+    notes = value_notes(reports["emulated"])
     assert notes and all("Tensor.item()" in n and "answered as if" in n for n in notes)
     assert any("_adafactor.py:" in n for n in notes)
 

@@ -1,4 +1,5 @@
-"""scaled_dot_product_attention on meta as an sm80+ GPU runs it: flash or memory-efficient kernels."""
+"""scaled_dot_product_attention on meta as a CUDA GPU runs it: the kernel it would pick, what that kernel
+saves for backward, and the scratch its backward allocates (kernel facts in _core/cuda_attention.py)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,23 +7,35 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .._compat import cuda_efficient_attention, cuda_flash_attention
+from .._compat import (TORCH_VERSION, cuda_cudnn_attention, cuda_efficient_attention, cuda_flash_attention,
+                       sdp_backends_enabled)
+from .._core import cuda_attention as facts
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
+#: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN
+PROFILE = facts.GpuProfile(sm=(9, 0), torch=TORCH_VERSION)
+#: one line per distinct call seen since the last take_notes(): which kernel was assumed, and why
+_NOTES: dict[str, None] = {}
 
-def _cuda_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> str:
-    """The SDPA kernel an sm80+ GPU picks: flash, else memory-efficient, else math (cuDNN not modelled)."""
-    qk_dim, v_dim = q.size(-1), v.size(-1)
-    if not (q.dim() == k.dim() == v.dim() == 4 and k.size(-1) == qk_dim and q.size(1) == k.size(1) == v.size(1)
-            and q.dtype == k.dtype == v.dtype):
-        return "math"  # GQA, 3-d inputs, mixed dtypes: not modelled, leave meta's path
-    low_precision = q.dtype in (torch.float16, torch.bfloat16)
-    if low_precision and mask is None and v_dim == qk_dim <= 256 and qk_dim % 8 == 0:
-        return "flash"
-    align = 8 if low_precision else 4  # memory-efficient kernel's alignment of the head dims
-    if (low_precision or q.dtype is torch.float32) and qk_dim % align == 0 and v_dim % align == 0:
-        return "efficient"
-    return "math"
+
+def take_notes() -> list[str]:
+    """The kernel-choice notes recorded since the last call (each distinct call once), and forget them."""
+    notes = list(_NOTES)
+    _NOTES.clear()
+    return notes
+
+
+def describe_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float,
+                  is_causal: bool, enable_gqa: bool) -> facts.AttentionCall:
+    """The facts table's view of one call (3-d and other unusual inputs are described as such)."""
+    four = q.dim() == k.dim() == v.dim() == 4
+    return facts.AttentionCall(
+        batch=q.size(0) if four else 0, q_heads=q.size(1) if four else 0, kv_heads=k.size(1) if four else 0,
+        q_len=q.size(-2), kv_len=k.size(-2), qk_dim=q.size(-1), v_dim=v.size(-1), dtype=q.dtype,
+        dims=q.dim() if q.dim() == k.dim() == v.dim() else -1, same_dtype=q.dtype == k.dtype == v.dtype,
+        has_mask=mask is not None, dropout=float(dropout_p), is_causal=bool(is_causal),
+        enable_gqa=bool(enable_gqa), requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        last_dim_contiguous=all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
 def _attention_bias(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -37,28 +50,62 @@ def _attention_bias(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor)
     return mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
 
 
-def _efficient_attention(func: Callable, args: tuple, kwargs: dict, proceed: Proceed) -> Any:
-    """Run the flash / memory-efficient aten op CUDA would pick, so its saved tensors are recorded."""
+def _cudnn_bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The cuDNN path's mask: a bool mask becomes an additive one of the query's dtype (not padded)."""
+    if mask is None or mask.dtype is not torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
+
+
+def _hold_scratch(out: torch.Tensor, scratch: list[facts.Buffer]) -> None:
+    """Allocate ``scratch`` on meta while the kernel's backward node runs, and free it when the node returns."""
+    node = out.grad_fn
+    if node is None or not scratch:
+        return
+    held: list[torch.Tensor] = []
+
+    def allocate(grad_outputs):
+        held.extend(torch.empty(b.shape, dtype=b.dtype, device="meta") for b in scratch)
+
+    def release(grad_inputs, grad_outputs):
+        held.clear()
+
+    node.register_prehook(allocate)
+    node.register_hook(release)
+
+
+def _cuda_attention(func: Callable, args: tuple, kwargs: dict, proceed: Proceed) -> Any:
+    """Run the aten op of the kernel CUDA would pick, so its saved tensors are recorded, and hold its scratch."""
     q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
     mask = _arg(args, kwargs, 3, "attn_mask")
     dropout_p, is_causal = _arg(args, kwargs, 4, "dropout_p", 0.0), _arg(args, kwargs, 5, "is_causal", False)
-    scale = kwargs.get("scale")
-    if not all(map(_on_meta, (q, k, v))) or kwargs.get("enable_gqa") or len(args) > 6:
+    scale, enable_gqa = kwargs.get("scale"), bool(kwargs.get("enable_gqa", False))
+    if not all(map(_on_meta, (q, k, v))) or len(args) > 6:
         return proceed(args, kwargs)
-    kernel = _cuda_attention_kernel(q, k, v, mask)
-    if kernel == "flash":
-        return cuda_flash_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    if kernel == "efficient":
-        needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return cuda_efficient_attention(q, k, v, _attention_bias(mask, q, k), compute_log_sumexp=needs_lse,
-                                        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    return proceed(args, kwargs)
+    call = describe_call(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    enabled = facts.Enabled(**sdp_backends_enabled(), deterministic=torch.are_deterministic_algorithms_enabled())
+    choice = facts.choose(call, PROFILE, enabled)
+    _NOTES.setdefault(choice.describe(call))
+    if choice.kernel == facts.FLASH:
+        out = cuda_flash_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    elif choice.kernel == facts.CUDNN:
+        out = cuda_cudnn_attention(q, k, v, _cudnn_bias(mask, q), compute_log_sumexp=call.requires_grad,
+                                   dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    elif choice.kernel == facts.EFFICIENT:
+        out = cuda_efficient_attention(q, k, v, _attention_bias(mask, q, k), compute_log_sumexp=call.requires_grad,
+                                       dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    else:
+        return proceed(args, kwargs)  # the composite math path, as CUDA runs it (k/v expanded for GQA)
+    if call.requires_grad:
+        _hold_scratch(out, facts.backward_scratch(call, choice.kernel, enabled))
+    return out
 
 
 _register(Substitution(
     "sdpa",
-    "scaled_dot_product_attention on CUDA (sm80+) runs flash or memory-efficient kernels that save output + "
-    "logsumexp (+ rng state), not the B*H*L*S attention matrix the meta math path saves (torch 2.4-2.14).",
+    "scaled_dot_product_attention on CUDA runs the kernel sm90 would pick (cuDNN, flash, memory-efficient or math; "
+    "grouped-query shapes without expanding k/v on flash and cuDNN), saving output + logsumexp, and its backward "
+    "allocates the kernel's scratch (torch 2.9-2.14).",
     intercepts=frozenset({F.scaled_dot_product_attention}),
-    run=_efficient_attention,
+    run=_cuda_attention,
 ))

@@ -155,15 +155,27 @@ class EmulatedBackend(Backend):
         return KnownValues()
 
     def forward_context(self) -> contextlib.AbstractContextManager:
-        from .. import _emulation as emulation  # kernel substitutions that make meta save what CUDA saves
+        return self._cuda_semantics()
 
-        return emulation.cuda_semantics()
-
-    def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
+    def _cuda_semantics(self) -> contextlib.ExitStack:
+        """Kernel substitutions that make meta save what CUDA saves; their notes (the attention kernel assumed
+        for each distinct call) join the report's notes when the context exits."""
         from .. import _emulation as emulation
 
         stack = contextlib.ExitStack()
         stack.enter_context(emulation.cuda_semantics())
+        stack.callback(self._take_kernel_notes)
+        return stack
+
+    def _take_kernel_notes(self) -> None:
+        from .._emulation import attention
+
+        self.notes.extend(note for note in attention.take_notes() if note not in self.notes)
+
+    def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
+        from .. import _emulation as emulation
+
+        stack = self._cuda_semantics()
         if optimizer is not None:
             stack.enter_context(emulation.predict_cuda_optimizer(optimizer))
         return stack
