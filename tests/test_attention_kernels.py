@@ -1,4 +1,4 @@
-"""Attention as CUDA runs it: the kernel sm90 picks (_core/cuda_attention.py), what it saves, the scratch its
+"""Attention as CUDA runs it: the kernel sm90 picks (_cuda_facts/attention.py), what it saves, the scratch its
 backward allocates, grouped-query shapes without expanded k/v, and the note naming the kernel in the report."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pytest_gpumem import Category, track
-from pytest_gpumem._core import cuda_attention as facts
+from pytest_gpumem._cuda_facts import attention as facts
 
 MiB = 2**20
 SM90, SM80 = facts.GpuProfile(sm=(9, 0), torch=(2, 11)), facts.GpuProfile(sm=(8, 0), torch=(2, 11))

@@ -482,7 +482,7 @@ TRANSFORMER_CASES = [
 ]
 
 
-# The emulated backend now allocates each attention kernel's backward scratch (_core/cuda_attention.py); the
+# The emulated backend now allocates each attention kernel's backward scratch (_cuda_facts/attention.py); the
 # estimate does not count it yet. In the 8x1 case the memory-efficient kernel's `delta` (1 x 1 x 1 fp32 = 4 B,
 # one 512-B block) is live at the backward peak: measured 22.50 KiB, estimated 22.00 KiB. Strict, so it turns
 # into a failure once the estimate reads backward_scratch from the table.

@@ -1,5 +1,5 @@
 """scaled_dot_product_attention on meta as a CUDA GPU runs it: the kernel it would pick, what that kernel
-saves for backward, and the scratch its backward allocates (kernel facts in _core/cuda_attention.py)."""
+saves for backward, and the scratch its backward allocates (kernel facts in _cuda_facts/attention.py)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .._compat import (TORCH_VERSION, cuda_cudnn_attention, cuda_efficient_attention, cuda_flash_attention,
                        sdp_backends_enabled)
-from .._core import cuda_attention as facts
+from .._cuda_facts import attention as facts
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
 #: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN
