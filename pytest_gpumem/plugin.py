@@ -218,8 +218,7 @@ class Manager:
             record = measured[nodeid]
             rows.append(SummaryRow.from_record(record))
             if wide and record.report is not None:
-                phases[nodeid] = [(f"{s.label}/{p.phase.value}", p.peak)
-                                  for s in record.report.steps for p in s.phases.values()]
+                phases[nodeid] = [(f"{s.label}/{p.phase.value}", p.peak) for s, p in record.report.step_phases()]
         terminalreporter.write_line(summary_table(rows, phases=phases, wide=wide))
 
 

@@ -16,7 +16,6 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS = {
     "pytest_gpumem._estimate.leaves:_leaves": "issue 14",
     "pytest_gpumem._estimate.block_cache:_replay_paused": "issue 14",
-    "pytest_gpumem._tools.fuzz:fuzz": "issue 11",
 }
 #: Import cycles that exist only through imports inside functions (deferred, so importing works), by the
 #: sorted modules of the cycle -> the issue that removes them. Cycles through module-level imports: none allowed.

@@ -205,7 +205,7 @@ def check_budget(report: StepReport, budget: Budget) -> list[Overrun]:
 
 def _phase_of_category_peak(report: StepReport, category: Category) -> str:
     best = max(
-        ((ps.peak_split.get(category, 0), s.index, ps.phase.value) for s in report.steps for ps in s.phases.values()),
+        ((ps.peak_split.get(category, 0), s.index, ps.phase.value) for s, ps in report.step_phases()),
         key=lambda t: (t[0], -t[1]),
     )
     return best[2]

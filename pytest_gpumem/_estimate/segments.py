@@ -35,8 +35,11 @@ def split_own_ops(calls: list[Any], order: list[tuple[int, torch.Tensor]], save_
     ops_sorted = sorted(by_op)
     first_seen: dict[int, int] = {}
     last_used: dict[int, int] = {}
-    for op, t, _kind in uses:
+    read_first: set[int] = set()  #: storages an op read before any op wrote them (the batch, a view's base)
+    for op, t, kind in uses:
         k = _storage_key(t)
+        if k not in first_seen and kind != OUT:
+            read_first.add(k)
         first_seen.setdefault(k, op)
         last_used[k] = op
     new_owner: dict[int, Any] = {}  #: position in order -> segment that saved it
@@ -47,7 +50,8 @@ def split_own_ops(calls: list[Any], order: list[tuple[int, torch.Tensor]], save_
             continue
         bounds = [c.op_start] + [x for k in children for x in (k.op_start, k.op_end)] + [c.op_end]
         for lo, hi in zip(bounds[0::2], bounds[1::2]):
-            seg = _segment(c, lo, hi, by_op, ops_sorted, first_seen, last_used, order, save_ops, make_call)
+            seg = _segment(c, lo, hi, by_op, ops_sorted, first_seen, last_used, read_first, order, save_ops,
+                           make_call)
             if seg is None:
                 continue
             segments.setdefault(c.index, []).append(seg)
@@ -91,7 +95,8 @@ def split_own_ops(calls: list[Any], order: list[tuple[int, torch.Tensor]], save_
 
 
 def _segment(parent: Any, lo: int, hi: int, by_op: dict, ops_sorted: list[int], first_seen: dict[int, int],
-             last_used: dict[int, int], order: list, save_ops: list[int], make_call: Any) -> Any:
+             last_used: dict[int, int], read_first: set[int], order: list, save_ops: list[int],
+             make_call: Any) -> Any:
     """The call record of ``parent``'s own ops in [lo, hi), or None when they make no new storage."""
     ops = ops_sorted[bisect.bisect_left(ops_sorted, lo):bisect.bisect_left(ops_sorted, hi)]
     inputs: dict[int, torch.Tensor] = {}
@@ -100,7 +105,7 @@ def _segment(parent: Any, lo: int, hi: int, by_op: dict, ops_sorted: list[int], 
         for t, kind in by_op[op]:
             k = _storage_key(t)
             if kind == OUT:
-                if first_seen[k] == op and k not in made:
+                if first_seen[k] == op and k not in made and k not in read_first:  # a view of an input is not new
                     made[k] = t
                 elif k in made:
                     made[k] = t  # the latest view of it

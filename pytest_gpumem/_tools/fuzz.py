@@ -157,16 +157,7 @@ def fuzz(
     from .._estimate import estimate_step
     from .._measure.step import measure_step
 
-    if not isinstance(make_model, st.SearchStrategy):
-        if not callable(make_model):
-            raise InvalidArgument(f"make_model={make_model!r} must be a strategy of configs or a callable")
-        if make_batch is None:
-            raise InvalidArgument("make_batch=... is needed when make_model is a callable: "
-                                  "make_batch(batch_size, **drawn model arguments it names) -> (inputs, target)")
-    elif model_args:
-        raise InvalidArgument(f"model arguments {sorted(model_args)} apply only when make_model is a callable")
-    if not 0 <= rtol:
-        raise InvalidArgument(f"rtol={rtol!r} must be >= 0")
+    _check_arguments(make_model, make_batch, model_args, rtol)
     limit = parse_bytes(budget) if budget is not None else None
     backend = resolve_backend_name(backend)
     device = estimate_device(backend)
@@ -199,6 +190,20 @@ def fuzz(
     run = hypothesis.settings(base, **({"max_examples": max_examples} if max_examples is not None else {}))(test)
     run()
     return result
+
+
+def _check_arguments(make_model: Any, make_batch: Any, model_args: dict[str, Any], rtol: float) -> None:
+    """InvalidArgument for a combination fuzz() cannot run, naming what is accepted."""
+    if not isinstance(make_model, st.SearchStrategy):
+        if not callable(make_model):
+            raise InvalidArgument(f"make_model={make_model!r} must be a strategy of configs or a callable")
+        if make_batch is None:
+            raise InvalidArgument("make_batch=... is needed when make_model is a callable: "
+                                  "make_batch(batch_size, **drawn model arguments it names) -> (inputs, target)")
+    elif model_args:
+        raise InvalidArgument(f"model arguments {sorted(model_args)} apply only when make_model is a callable")
+    if not 0 <= rtol:
+        raise InvalidArgument(f"rtol={rtol!r} must be >= 0")
 
 
 def _record(result: FuzzResult, case: FuzzCase, comparison: Any, peak: int) -> None:
