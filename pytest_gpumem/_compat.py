@@ -273,6 +273,18 @@ def amp_availability_patch_target() -> tuple[Any, str]:
     return common, "amp_definitely_not_available"
 
 
+def checkpoint_device_type_patch_target() -> tuple[Any, str]:
+    """(owner, name) of the function activation checkpointing asks which device's autocast state to replay.
+
+    ``torch.utils.checkpoint._infer_device_type``, called through the module by both checkpoint
+    implementations (torch 2.4 .. 2.14); on meta tensors it answers "meta", whose autocast state is off.
+    """
+    import torch.utils.checkpoint as checkpoint
+
+    _require(checkpoint, "_infer_device_type", "torch.utils.checkpoint")
+    return checkpoint, "_infer_device_type"
+
+
 #: Private GradScaler attributes EmulatedGradScaler reads or overrides (torch 2.3 .. 2.14).
 GRAD_SCALER_ATTRIBUTES = ("_maybe_opt_step", "_get_growth_tracker", "_enabled", "_scale", "_growth_tracker",
                           "_growth_interval", "_growth_factor")

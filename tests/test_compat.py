@@ -275,3 +275,15 @@ def test_sparse_parts_are_the_indices_and_values_of_an_uncoalesced_tensor():
     t = torch.sparse_coo_tensor(torch.tensor([[0, 0, 2]]), torch.ones(3, 4), (5, 4))
     indices, values = _compat.sparse_parts(t)
     assert indices.shape == (1, 3) and values.shape == (3, 4)
+
+
+def test_checkpoint_infers_its_device_type_through_the_module():
+    owner, name = _compat.checkpoint_device_type_patch_target()
+    calls = []
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *args: calls.append(1) or original(*args))
+    try:
+        checkpoint(torch.sin, torch.ones(2, requires_grad=True), use_reentrant=False).sum().backward()
+    finally:
+        setattr(owner, name, original)
+    assert calls, _moved("torch.utils.checkpoint._infer_device_type (called through the module)")

@@ -265,3 +265,23 @@ def test_models_holding_weights_outside_their_registries_run_and_are_left_untouc
         assert tensors and all(t.device.type == "cpu" for t in tensors)
         gc.collect()
         assert backend.trackers[-1].live_bytes() == 0  # nothing the step made outlives it
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_checkpoint_recomputes_under_the_emulated_autocast():
+    # Checkpointing asks the inputs' device which autocast state to replay; on meta tensors that was "meta"
+    # (off), so the recomputed Linear saved an fp32 input where the forward saved bf16 and checkpoint refused.
+    model = nn.Sequential(_Checkpointed(nn.Sequential(nn.Linear(256, 256), nn.ReLU())), nn.Linear(256, 8))
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 256),
+                          target=torch.randint(0, 8, (4,)), backend="emulated", autocast_dtype=torch.bfloat16)
+    # fp32 grads (the 512-B rounding counts under other): 256*256*4 = 262144, 256*4 = 1024, 8*256*4 = 8192, 8*4 = 32
+    assert report.category_peak(Category.GRADS) == 262144 + 1024 + 8192 + 32
+    assert report.phase_peaks()[Phase.BACKWARD] > 0

@@ -114,15 +114,25 @@ def _clear_autocast_cache(original: Callable) -> Callable:
     return clear_autocast_cache
 
 
+def _checkpoint_on_cuda(original: Callable) -> Callable:
+    """Checkpointing on meta tensors replays CUDA's autocast state in recomputation, as it does on a GPU."""
+    def infer_device_type(*args):
+        found = original(*args)
+        return "cuda" if found == "meta" else found
+    return infer_device_type
+
+
 _register(Substitution(
     "autocast",
     "torch.autocast('cuda') casts meta tensors by CUDA's op lists and caches weight casts until the region exits "
-    "(torch 2.4-2.14; it would be disabled without a GPU, and real autocast never touches meta tensors).",
+    "(torch 2.4-2.14; it would be disabled without a GPU, and real autocast never touches meta tensors); "
+    "checkpoint recomputation replays it, as on a GPU.",
     intercepts=frozenset(_POLICY),
     run=_autocast,
     patches=(
         (*_compat.amp_availability_patch_target(), lambda original: _without_gpu(original, False)),
         (torch.cuda, "is_bf16_supported", lambda original: _without_gpu(original, True)),  # as on sm80+
         (torch, "clear_autocast_cache", _clear_autocast_cache),
+        (*_compat.checkpoint_device_type_patch_target(), _checkpoint_on_cuda),
     ),
 ))
