@@ -61,8 +61,6 @@ def test_the_corpus_covers_what_the_issue_asks():
 # steps the emulated backend cannot run yet: each a divergence from CUDA the corpus found (strict: a fix shows)
 EMULATION_GAPS = {
     "mlp_adamw_fused": "fused=True optimizers refuse meta parameters; the emulation does not substitute them",
-    "lm_bf16_autocast_default_checkpointed_adamw": "checkpoint recomputation under bf16 autocast saves a different "
-                                                   "number of tensors on the emulated backend (CheckpointError)",
 }
 
 
