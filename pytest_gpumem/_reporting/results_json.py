@@ -52,36 +52,27 @@ def collect_session_info(rootdir: str | os.PathLike[str] | None = None) -> dict[
     return info
 
 
+#: the report's figures copied to the top of each entry, for readers who do not walk "report"
+_FLATTENED = ("backend", "device", "torch_version", "cuda_version", "peak_bytes", "peak_phase",
+              "reserved_peak_bytes", "peak_split", "category_peaks")
+#: the record's own fields, as ``TestRecord.to_dict`` serialises them
+_RECORD_FIELDS = ("budget", "estimate", "max_batch", "measurements", "leak_bytes", "plugin_error")
+
+
 def results_entry(record: TestRecord, regression: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One test's figures, flattened for readers, with the full report kept under "report"."""
-    report = record.report.to_dict() if record.report is not None else None
+    fields = record.to_dict()
+    report = fields["report"]
     entry: dict[str, Any] = {
-        "nodeid": record.nodeid,
-        "outcome": record.outcome,
-        "backend": None,
-        "device": None,
-        "torch_version": None,
-        "cuda_version": None,
-        "peak_bytes": None,
-        "peak_phase": None,
-        "reserved_peak_bytes": None,
-        "peak_split": None,
-        "category_peaks": None,
-        "phase_peaks": None,
-        "budget": record.budget.to_dict() if record.budget is not None else None,
-        "estimate": dict(record.estimate) if record.estimate is not None else None,
-        "max_batch": record.max_batch,
-        "measurements": record.measurements,
-        "leak_bytes": record.leak_bytes,
-        "plugin_error": record.plugin_error,
+        "nodeid": fields["nodeid"],
+        "outcome": fields["outcome"],
+        **{key: report.get(key) if report is not None else None for key in _FLATTENED},
+        "phase_peaks": ({p.value: v for p, v in record.report.phase_peaks().items()}
+                        if record.report is not None else None),
+        **{key: fields[key] for key in _RECORD_FIELDS},
         "regression": dict(regression) if regression is not None else None,
         "report": report,
     }
-    if record.report is not None and report is not None:
-        for key in ("backend", "device", "torch_version", "cuda_version", "peak_bytes", "peak_phase",
-                    "reserved_peak_bytes", "peak_split", "category_peaks"):
-            entry[key] = report.get(key)
-        entry["phase_peaks"] = {p.value: v for p, v in record.report.phase_peaks().items()}
     return entry
 
 
