@@ -16,11 +16,20 @@ settings.register_profile("ci", max_examples=20, derandomize=True, database=None
 settings.register_profile("dev", max_examples=200, deadline=timedelta(seconds=2))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# One intra-op thread per xdist worker (cores / workers): `-n 2` on a 2-core runner with torch's default of one
+# thread per core oversubscribes the cores, and OpenMP's spin-waiting then makes each tiny training step several
+# times slower. OMP_NUM_THREADS reaches the pytest subprocesses that pytester starts. Bytes do not depend on it.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, (os.cpu_count() or 1) // _workers)
+os.environ["OMP_NUM_THREADS"] = str(_threads)
+
 # pytester's in-process runs drop modules first imported inside them; torch registers operator libraries
 # on import and refuses a second registration, so import what a training step pulls in once, up front.
 import torch  # noqa: E402,F401
 import torch.optim  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
+
+torch.set_num_threads(_threads)
 
 try:
     import torch._inductor.test_operators  # noqa: E402,F401
