@@ -21,9 +21,19 @@ Unknown values follow one policy (see :func:`neutral_reads`): a read whose answe
 memory (``.item()``, ``float()``, ``bool()``, ``.tolist()``, ``.cpu()``) is answered as if every unknown
 element were 1 (True): comparisons and finiteness tests on unknown tensors are evaluated that way, so
 ``torch.isfinite(x).all()`` is True and ``isnan``/``isinf`` are False. Each such read becomes a note
-naming the op and the code line. Where the value decides a shape (``nonzero``, boolean-mask indexing,
-``masked_select``, ``unique``, ``repeat_interleave`` with tensor repeats) it raises
-:class:`UnknownValueError` naming the op, the line and the way out (``backend="cpu"``).
+naming the op and the code line. Where the value decides a shape, two policies:
+
+- **upper bound** for selections (``nonzero``, ``torch.where(cond)``, boolean-mask indexing, ``masked_select``,
+  torchvision's ``nms``): every element is assumed selected and every box kept, the largest result each such
+  op can give (detectors cap what follows at ``post_nms_top_n`` / ``batch_size_per_image``). It bounds each
+  selection, and the step in the usual case where later memory grows with what was kept; exclusive
+  selections (one ``where`` per FPN level) each get everything. The selected indices become known values
+  (so ``zeros_like(m); m[idx] = 1; where(m)`` stays exact), and a note names the op, the line and that the
+  figure is an upper bound;
+- **fail** where no bound exists (``unique``, ``repeat_interleave`` with tensor repeats): it raises
+  :class:`UnknownValueError` naming the op, the line and the way out (``backend="cpu"``).
+
+``*_like`` and ``new_*`` factories (``zeros_like(scores)``) take their value from the shape alone.
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .value_ops import _SPECIAL, META, SPARSE_NOTE, _is_meta, _shape_from_values, _to_cpu_device, aten
+from .value_ops import _SPECIAL, META, SPARSE_NOTE, UPPER_BOUNDS, _is_meta, _shape_from_values, _to_cpu_device, aten
 from .value_sites import NoMetaKernelError, UnknownValueError, user_site
 
 __all__ = ["KnownValues", "NoMetaKernelError", "UnknownValueError", "VALUE_LIMIT", "SEED_FLOAT_LIMIT", "SPARSE_NOTE",
@@ -125,6 +135,11 @@ def _numel(outs: list) -> int:
 _NO_VALUE_PREFIXES = ("empty", "new_empty", "resize", "set_", "_foreach_", "record_stream", "_has_compatible")
 #: in-place ops that overwrite their destination whole: its old value is not needed
 _OVERWRITE = frozenset({aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten.copy_.default})
+#: ops whose output value depends on their input's shape and dtype only (``zeros_like(scores)``: a mask to fill)
+_SHAPE_ONLY = frozenset({
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.new_zeros.default,
+    aten.new_ones.default, aten.new_full.default,
+})
 #: reductions that keep a constant (a fill) constant
 _FILL_REDUCTIONS = frozenset({
     aten.all.default, aten.all.dim, aten.any.default, aten.any.dim, aten.amax.default, aten.amin.default,
@@ -234,6 +249,9 @@ class KnownValues(TorchDispatchMode):
             if isinstance(exc, (NoMetaKernelError, UnknownValueError)):
                 raise
             if "data-dependent" in str(exc):  # torchvision's nms & co: run on the values when they are known
+                bound = UPPER_BOUNDS.get(str(func))
+                if bound is not None and not self._all_known(args, kwargs):
+                    return bound(self, func, args, kwargs)
                 return _shape_from_values(str(func))(self, func, args, kwargs)
             if isinstance(exc, NotImplementedError) and "Meta" in str(exc):
                 raise NoMetaKernelError(
@@ -265,6 +283,9 @@ class KnownValues(TorchDispatchMode):
             if name in info.tensor_names:
                 _metas(arg, metas_in)
         values, fills = self._values.ids, self._fills.ids  # a dead tensor's id leaves these at once
+        if func in _SHAPE_ONLY:
+            self._from_shape(func, args, kwargs, out)
+            return
         if metas_in and not any(id(t) in values for t in metas_in):  # the common case: parameter-derived data
             for i in info.mutated:
                 if i < len(args) and _is_meta(args[i]):
@@ -314,6 +335,15 @@ class KnownValues(TorchDispatchMode):
         for m, v in zip(metas, values):
             if _is_meta(m) and isinstance(v, torch.Tensor) and v.shape == m.shape and v.dtype == m.dtype:
                 self.remember(m, v, owned=True)
+
+    def _from_shape(self, func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """The value of a ``*_like`` / ``new_*`` factory: the same op on a CPU stand-in of the input."""
+        source = args[0]
+        if not _is_meta(out) or out.numel() > self.limit:
+            return
+        stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype)
+        cpu_kwargs = {k: _to_cpu_device(v) for k, v in kwargs.items()}
+        self.remember(out, func(stand_in, *args[1:], **cpu_kwargs), owned=True)
 
     def _assume(self, func: Any, info: _OpInfo, args: tuple, kwargs: dict, metas_out: list) -> None:
         """Evaluate comparisons and finiteness tests as if unknown elements were 1 (kept as constants)."""
@@ -376,6 +406,21 @@ class KnownValues(TorchDispatchMode):
         neutral = torch.full((), fill, dtype=t.dtype)
         # a large read (logits.cpu()) gets a broadcast view, not gigabytes of host memory
         return neutral.expand(t.shape) if t.numel() > self.limit else neutral.expand(t.shape).clone()
+
+    def _all_known(self, args: tuple, kwargs: dict) -> bool:
+        """Whether every meta tensor among the arguments has a known value."""
+        return all(t in self._values for t in _metas([list(args), kwargs]))
+
+    def upper_bound(self, op: str, assumption: str) -> None:
+        """Note (once per op and code line) that a shape was decided by an unknown value, taken at its maximum."""
+        site = user_site()
+        if (op, site) in self._noted:
+            return
+        self._noted.add((op, site))
+        self.notes.append(
+            f"{op} at {site} decides a shape from values the emulated backend does not know (computed from "
+            f"parameters, activations or gradients): {assumption}; the figures are an upper bound for this op, "
+            "and a real GPU keeps fewer (measure with backend='cpu' for the figure on these values)")
 
     def need(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """The value of ``t`` where it decides a shape: known, else UnknownValueError."""
