@@ -30,6 +30,7 @@ __all__ = [
     "TorchInternalMissing",
     "allocator_snapshot",
     "amp_availability_patch_target",
+    "checkpoint_recompute_patch_targets",
     "checks_torch_function",
     "cuda_cudnn_attention",
     "cuda_efficient_attention",
@@ -283,6 +284,26 @@ def checkpoint_device_type_patch_target() -> tuple[Any, str]:
 
     _require(checkpoint, "_infer_device_type", "torch.utils.checkpoint")
     return checkpoint, "_infer_device_type"
+
+
+def checkpoint_recompute_patch_targets() -> tuple[tuple[type, str], tuple[type, str]]:
+    """Where activation checkpointing receives the function it will recompute in backward, for both modes.
+
+    Non-reentrant: ``torch.utils.checkpoint._CheckpointFrame.__init__(self, recompute_fn, ...)`` (its unpack
+    hook calls ``frame.recompute_fn``); reentrant: the static ``CheckpointFunction.forward(ctx, run_function,
+    preserve_rng_state, *args)`` (its backward calls ``ctx.run_function``). Checked on torch 2.11 and 2.14.
+    """
+    import torch.utils.checkpoint as checkpoint
+
+    frame = _require(checkpoint, "_CheckpointFrame", "torch.utils.checkpoint")
+    function = _require(checkpoint, "CheckpointFunction", "torch.utils.checkpoint")
+    for owner, name, first in ((frame, "__init__", "recompute_fn"), (function, "forward", "run_function")):
+        code = getattr(getattr(owner, name), "__code__", None)
+        names = code.co_varnames[:code.co_argcount] if code is not None else ()
+        if names[1:2] != (first,):
+            raise TorchInternalMissing(f"torch.utils.checkpoint.{owner.__name__}.{name}",
+                                       f"its second parameter is not {first!r} (found {names})")
+    return (frame, "__init__"), (function, "forward")
 
 
 #: Private GradScaler attributes EmulatedGradScaler reads or overrides (torch 2.3 .. 2.14).
