@@ -10,7 +10,9 @@ from pytest_gpumem import estimate_step, measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._core.step_calls import COMPILED_NOTE
 from pytest_gpumem._emulation.optimizers import predict_cuda_optimizer
-from pytest_gpumem._emulation.values import SPARSE_NOTE
+from pytest_gpumem._emulation.values import KnownValues
+from pytest_gpumem._measure.allocator import round_allocation
+from pytest_gpumem._measure.tracker import StorageTracker
 
 BACKENDS = ("cpu", "emulated")
 
@@ -127,14 +129,57 @@ def test_adam_with_a_tensor_lr_keeps_the_loop_as_cuda_does():
     assert a.steps[-1].phases[Phase.OPTIMIZER].peak == b.steps[-1].phases[Phase.OPTIMIZER].peak
 
 
-def test_sparse_gradients_count_as_grads_on_the_cpu_and_are_noted_on_emulated():
-    model = nn.Sequential(nn.Embedding(1000, 16, sparse=True))
-    ids = torch.randint(0, 1000, (8, 4))
-    cpu = measure_step(model, torch.optim.SparseAdam(model.parameters()), ids, backend="cpu")
-    # an uncoalesced COO grad: int64 indices (1, 32) = 256 B and fp32 values (32, 16) = 2048 B
-    assert cpu.steps[-1].phases[Phase.BACKWARD].retained_split[Category.GRADS] == 256 + 2048
-    emulated = measure_step(model, torch.optim.SparseAdam(model.parameters()), ids, backend="emulated")
-    assert SPARSE_NOTE in emulated.notes
+class SparseBag(nn.Module):
+    """An Embedding(sparse=True) feeding a dense head: the classic sparse-gradient setup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(1000, 64, sparse=True), nn.Linear(64, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def sparse_step(optimizer: str, backend: str):
+    torch.manual_seed(0)
+    model = SparseBag()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if optimizer == "sgd"
+           else torch.optim.SparseAdam(list(model.emb.parameters())))
+    ids = torch.tensor([[3, 1, 3, 7], [7, 9, 2, 3]])  # 8 ids, 5 distinct (1, 2, 3, 7, 9)
+    return measure_step(model, opt, ids, target=torch.tensor([0, 1]), backend=backend)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sparse_adam"])
+def test_sparse_gradients_count_their_indices_and_values_as_grads_on_both_backends(optimizer):
+    cpu, emulated = sparse_step(optimizer, "cpu"), sparse_step(optimizer, "emulated")
+    # an uncoalesced COO grad (embedding_sparse_backward, the same code on CPU and CUDA): int64 indices (1, 8)
+    # = 64 B and fp32 values (8, 64) = 2048 B; the dense head's grads 4 * 64 * 4 + 4 * 4 = 1040 B
+    for report in (cpu, emulated):
+        grads = report.steps[-1].phases[Phase.BACKWARD].retained_split[Category.GRADS]
+        assert grads == 64 + 2048 + 1040, (report.backend, grads)
+    assert emulated.notes == ()  # the ids come from the batch: how many are distinct is known
+    if optimizer == "sparse_adam":  # dense exp_avg and exp_avg_sq: 2 x 1000 x 64 x 4 = 512000 B on both
+        for report in (cpu, emulated):
+            assert report.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] == 512000
+
+
+def test_coalescing_allocates_what_the_cuda_kernel_does_from_known_or_assumed_indices():
+    with StorageTracker("meta", round_allocation) as tracker:
+        with KnownValues() as mode:
+            indices = torch.tensor([[3, 1, 3, 7]]).to("meta")
+            mode.remember(indices, torch.tensor([[3, 1, 3, 7]]))
+            grad = torch.sparse_coo_tensor(indices, torch.empty(4, 16, device="meta"), (10, 16), check_invariants=False)
+            coalesced = grad.clone().coalesce()
+            unknown = torch.sparse_coo_tensor(torch.empty(1, 4, dtype=torch.long, device="meta"),
+                                              torch.empty(4, 16, device="meta"), (10, 16), check_invariants=False).coalesce()
+    assert coalesced._nnz() == 3 and coalesced._values().shape == (3, 16)  # ids 1, 3, 7
+    assert unknown._nnz() == 4 and unknown.is_coalesced()  # every index assumed distinct
+    raw = [a.raw for a in tracker.allocations()]
+    # clone: indices 4 x 8 = 32 B and values 4 x 16 x 4 = 256 B; _coalesce_sparse_cuda: the flattened indices,
+    # origIndices and uniqueOffsets (4 x 8 = 32 B each), values for the 3 unique indices 3 x 16 x 4 = 192 B
+    assert raw.count(32) >= 1 + 3 and 256 in raw and 192 in raw
+    (note,) = mode.notes
+    assert note.startswith("coalesce of a sparse tensor") and "upper bound" in note
 
 
 # -- torch.compile --------------------------------------------------------------------------------

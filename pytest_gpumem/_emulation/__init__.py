@@ -17,8 +17,8 @@ How the step runner uses it (the whole step, forward to optimizer, inside one co
 """
 from __future__ import annotations
 
-# registry order is the order substitutions chain in: autocast, dropout, sdpa, grad_scaler, literal_tensors
-from . import autocast, dropout, attention, grad_scaler, literals  # noqa: F401  (each registers its substitution)
+# registry order is the order substitutions chain in: autocast, dropout, sdpa, grad_scaler, literal_tensors, sparse_new
+from . import autocast, dropout, attention, grad_scaler, literals, sparse_ops  # noqa: F401  (each registers its substitution)
 from .grad_scaler import EmulatedGradScaler
 from .meta_failures import explain_meta_failure
 from .optimizers import predict_cuda_optimizer

@@ -166,17 +166,3 @@ def _repeat_interleave(mode: "KnownValues", func: Any, args: tuple, kwargs: dict
 
 
 _SPECIAL[aten.repeat_interleave.Tensor] = _repeat_interleave
-
-
-SPARSE_NOTE = ("sparse COO tensors on meta hold no entries (torch's meta kernels drop them when cloning or "
-               "coalescing): sparse gradients (Embedding(sparse=True)) and SparseAdam's per-entry temporaries are "
-               "not counted on the emulated backend; measure them with backend='cpu'")
-
-
-def _sparse(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
-    if SPARSE_NOTE not in mode.notes:
-        mode.notes.append(SPARSE_NOTE)
-    return func(*args, **kwargs)
-
-
-_SPECIAL[aten._sparse_coo_tensor_with_dims_and_tensors.default] = _sparse

@@ -44,11 +44,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .value_ops import _SPECIAL, META, SPARSE_NOTE, UPPER_BOUNDS, _is_meta, _shape_from_values, _to_cpu_device, aten
+from . import sparse_ops  # noqa: F401  (registers the sparse COO handlers)
+from .value_ops import _SPECIAL, META, UPPER_BOUNDS, _is_meta, _shape_from_values, _to_cpu_device, aten
 from .value_sites import NoMetaKernelError, UnknownValueError, user_site
 
-__all__ = ["KnownValues", "NoMetaKernelError", "UnknownValueError", "VALUE_LIMIT", "SEED_FLOAT_LIMIT", "SPARSE_NOTE",
-           "user_site"]
+__all__ = ["KnownValues", "NoMetaKernelError", "UnknownValueError", "VALUE_LIMIT", "SEED_FLOAT_LIMIT", "user_site"]
 
 
 #: most elements an op's outputs may hold for their values to be computed (16 Mi: a 4096 x 4096 mask)
@@ -181,6 +181,7 @@ class KnownValues(TorchDispatchMode):
         self.limit = limit
         self._values = _TensorTable()  # meta tensor -> CPU tensor
         self._fills = _TensorTable()   # meta tensor -> assumed constant
+        self._sparse = _TensorTable()  # sparse COO meta tensor -> the CPU value of its indices
         self._sharing: dict[int, dict[int, Any]] = {}  # id(meta storage) -> {id(tensor): weakref}
         self._ops: dict[Any, _OpInfo] = {}
         self._draws = 0  #: seeds random ops drawn for values, in order (deterministic across runs)
@@ -206,6 +207,14 @@ class KnownValues(TorchDispatchMode):
         if len(self._sharing) >= _MAX_STORAGES:  # a long loop: forget storages whose tensors all died
             self._sharing = {k: refs for k, refs in self._sharing.items() if any(r() is not None for r in refs.values())}
         self._sharing.setdefault(id(meta.untyped_storage()), {})[id(meta)] = weakref.ref(meta)
+
+    def remember_sparse_indices(self, sparse: torch.Tensor, indices: torch.Tensor) -> None:
+        """Record the value of a sparse COO meta tensor's indices (embedding ids: how many are distinct)."""
+        self._sparse[sparse] = indices.detach().to("cpu", torch.long)
+
+    def sparse_indices(self, sparse: torch.Tensor) -> torch.Tensor | None:
+        """The known indices of a sparse COO meta tensor (None when unknown)."""
+        return self._sparse.get(sparse)
 
     def value_of(self, t: torch.Tensor) -> torch.Tensor | None:
         """The known CPU value of meta tensor ``t`` (None when unknown)."""
