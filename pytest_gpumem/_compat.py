@@ -40,6 +40,7 @@ __all__ = [
     "dump_memory_snapshot",
     "forward_hook_counts",
     "function_mode_stack",
+    "fused_devices_patch_target",
     "foreach_sqrt_op",
     "grad_scaler_step_patch_target",
     "is_checkpoint_pack_hook",
@@ -304,6 +305,19 @@ def checkpoint_recompute_patch_targets() -> tuple[tuple[type, str], tuple[type, 
             raise TorchInternalMissing(f"torch.utils.checkpoint.{owner.__name__}.{name}",
                                        f"its second parameter is not {first!r} (found {names})")
     return (frame, "__init__"), (function, "forward")
+
+
+def fused_devices_patch_target() -> tuple[Any, str]:
+    """(owner, name) of the function the optimizers' ``fused=True`` device check asks for the supported devices.
+
+    ``torch.optim.optimizer._get_fused_kernels_supported_devices``, called through the module by
+    ``_device_dtype_check_for_fused`` (Adam, AdamW, SGD, Adagrad; torch 2.4 .. 2.14).
+    """
+    import torch.optim.optimizer as optimizer
+
+    _require(optimizer, "_device_dtype_check_for_fused", "torch.optim.optimizer")
+    _require(optimizer, "_get_fused_kernels_supported_devices", "torch.optim.optimizer")
+    return optimizer, "_get_fused_kernels_supported_devices"
 
 
 #: Private GradScaler attributes EmulatedGradScaler reads or overrides (torch 2.3 .. 2.14).

@@ -311,3 +311,16 @@ def test_checkpoint_hands_the_function_it_recomputes_to_the_patched_callables():
     # non-reentrant: the frame's recompute_fn runs in backward; reentrant: run_function runs in forward and backward
     assert calls.count("__init__") >= 1 and calls.count("forward") == 2, \
         _moved("torch.utils.checkpoint._CheckpointFrame.__init__ / CheckpointFunction.forward")
+
+
+def test_the_fused_device_check_asks_the_patched_function():
+    owner, name = _compat.fused_devices_patch_target()
+    original = getattr(owner, name)
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(RuntimeError, match="fused=True"):
+        owner._device_dtype_check_for_fused(p)
+    setattr(owner, name, lambda: [*original(), "meta"])
+    try:
+        owner._device_dtype_check_for_fused(p)  # meta is accepted once the function answers it
+    finally:
+        setattr(owner, name, original)

@@ -182,6 +182,27 @@ def test_coalescing_allocates_what_the_cuda_kernel_does_from_known_or_assumed_in
     assert note.startswith("coalesce of a sparse tensor") and "upper bound" in note
 
 
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=0.01, fused=True),
+    lambda params: torch.optim.Adam(params, lr=0.01, fused=True),
+    lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True),
+    lambda params: torch.optim.Adagrad(params, lr=0.01, fused=True),
+], ids=["adamw", "adam", "sgd", "adagrad"])
+def test_fused_optimizers_run_emulated_with_the_cpu_backends_state(make):
+    reports = {}
+    for backend in BACKENDS:
+        model = mlp()
+        reports[backend] = measure_step(model, make(model.parameters()), torch.randn(8, 16),
+                                        target=torch.randint(0, 4, (8,)), backend=backend)
+    n_params = sum(p.numel() for p in mlp().parameters())  # 16*32 + 32 + 32*4 + 4 = 676
+    states = {be: r.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] for be, r in reports.items()}
+    # the fused kernels update in place; fused Adam/AdamW keep each of the 4 parameters' `step` as an fp32 0-d
+    # device tensor (not a host scalar as foreach does): 2 moments x 676 x 4 B + 4 x 4 B = 5424 B
+    expected = {"AdamW": 2 * 4 * n_params + 16, "Adam": 2 * 4 * n_params + 16, "SGD": 4 * n_params,
+                "Adagrad": 4 * n_params + 16}[type(make([nn.Parameter(torch.ones(1))])).__name__]
+    assert states == {"cpu": expected, "emulated": expected}
+
+
 # -- torch.compile --------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_compiled_model_is_measured_and_estimated_as_its_eager_graph_and_says_so(backend):
