@@ -9,7 +9,7 @@ from torch import nn
 from pytest_gpumem import estimate_step, measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._core.step_calls import COMPILED_NOTE
-from pytest_gpumem._emulation.optimizers import predict_cuda_optimizer
+from pytest_gpumem._emulation.optimizers import LBFGS_NOTE, predict_cuda_optimizer
 from pytest_gpumem._emulation.values import KnownValues
 from pytest_gpumem._measure.allocator import round_allocation
 from pytest_gpumem._measure.tracker import StorageTracker
@@ -52,6 +52,29 @@ def test_lbfgs_history_counts_as_optimizer_state_on_the_cpu():
     assert any(isinstance(v, list) and v for s in optimizer.state.values() for v in s.values())  # history kept
     retained = report.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER]
     assert retained == storage_bytes(state)
+
+
+def test_emulated_lbfgs_takes_its_longest_step_and_matches_a_cpu_step_that_does_not_converge():
+    # Before: the unknown gradient read as ones looked like an ascent direction (g.d > 0), so the emulated loop
+    # stopped after one evaluation and kept a third of the history a real step keeps (3.28 vs 7.02 MB peak).
+    states, evals = {}, None
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 4))
+        optimizer = torch.optim.LBFGS(model.parameters(), max_iter=4)
+        report = measure_step(model, optimizer, torch.randn(64, 256), target=torch.randint(0, 4, (64,)),
+                              backend=backend, steps=3)
+        states[backend] = [s.phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] for s in report.steps]
+        if backend == "cpu":
+            evals = optimizer.state[optimizer._params[0]]["func_evals"]
+        else:
+            assert report.notes == (LBFGS_NOTE,)
+    assert evals == 3 * 4  # the real steps did not converge: every one ran max_iter = 4 evaluations
+    # later steps append a curvature pair at each of their 4 iterations: two flat fp32 vectors of
+    # n = 256*512 + 512 + 512*4 + 4 = 133636 floats each (8 x 534544 B), and a few 0-d tensors (ro, H_diag)
+    assert states["emulated"] == states["cpu"]
+    growth = states["cpu"][2] - states["cpu"][1]
+    assert states["cpu"][1] - states["cpu"][0] == growth and 0 <= growth - 8 * 133636 * 4 < 512
 
 
 def test_a_closure_optimizer_with_a_grad_scaler_is_refused_clearly():

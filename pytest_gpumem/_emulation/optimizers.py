@@ -33,8 +33,33 @@ def predict_cuda_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[torch.o
     """
     fused = isinstance(optimizer, torch.optim.Optimizer) and any(g.get("fused") for g in optimizer.param_groups)
     owner, name = fused_devices_patch_target()
-    with _patched(((owner, name, _with_meta),) if fused else ()), _foreach_where_cuda_would(optimizer):
+    with _patched(((owner, name, _with_meta),) if fused else ()), _foreach_where_cuda_would(optimizer), \
+            _lbfgs_worst_case(optimizer):
         yield optimizer
+
+
+#: the report note of an emulated LBFGS step (see :func:`_lbfgs_worst_case`)
+LBFGS_NOTE = ("LBFGS on the emulated backend runs its longest step: the stopping tests read values it does not "
+              "know (gradient norm, descent direction, loss change), so they are switched off and every step makes "
+              "max_iter closure evaluations, each keeping a curvature pair up to history_size (an upper bound; a "
+              "real step stops when it converges; strong_wolfe line searches run to max_ls)")
+
+
+@contextlib.contextmanager
+def _lbfgs_worst_case(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Set LBFGS's tolerances to -inf for the step: no stopping test can pass on the neutral answers (an unknown
+    gradient read as ones would otherwise look like an ascent direction and end the loop after one evaluation),
+    so the loop and its history take their maximum length. Restored on exit."""
+    saved = []
+    if isinstance(optimizer, torch.optim.LBFGS):
+        for group in optimizer.param_groups:
+            saved.append((group, group["tolerance_grad"], group["tolerance_change"]))
+            group["tolerance_grad"] = group["tolerance_change"] = float("-inf")
+    try:
+        yield
+    finally:
+        for group, grad, change in saved:
+            group["tolerance_grad"], group["tolerance_change"] = grad, change
 
 
 def _with_meta(supported):

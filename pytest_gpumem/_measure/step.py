@@ -92,7 +92,7 @@ class Session:
                 self._saving.__exit__(None, None, None)
                 if self.values is not None:
                     self.values.__exit__(None, None, None)
-                    self.backend.notes.extend(self.values.notes)
+                    self.backend.add_value_notes(self.values.notes)
                 self.tracker.__exit__(None, None, None)
             self.tracker.close()
             self.report = self._build_report()
