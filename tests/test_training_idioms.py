@@ -9,6 +9,7 @@ from torch import nn
 from pytest_gpumem import estimate_step, measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._core.step_calls import COMPILED_NOTE
+from pytest_gpumem._cuda_facts.rnn import RESERVE_NOTE
 from pytest_gpumem._emulation.optimizers import LBFGS_NOTE, predict_cuda_optimizer
 from pytest_gpumem._emulation.values import KnownValues
 from pytest_gpumem._measure.allocator import round_allocation
@@ -224,6 +225,27 @@ def test_fused_optimizers_run_emulated_with_the_cpu_backends_state(make):
     expected = {"AdamW": 2 * 4 * n_params + 16, "Adam": 2 * 4 * n_params + 16, "SGD": 4 * n_params,
                 "Adagrad": 4 * n_params + 16}[type(make([nn.Parameter(torch.ones(1))])).__name__]
     assert states == {"cpu": expected, "emulated": expected}
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_an_emulated_rnn_training_step_says_cudnns_reserve_space_is_not_counted(rnn):
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn(16, 32, batch_first=True), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Tagger()
+    x, y = torch.randn(4, 5, 16), torch.randint(0, 4, (4,))
+    emulated = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, target=y, backend="emulated")
+    assert RESERVE_NOTE in emulated.notes
+    cpu = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, target=y, backend="cpu")
+    assert RESERVE_NOTE not in cpu.notes  # the cpu backend measures what the CPU runs: nothing left out
+    plain = nn.Sequential(nn.Linear(16, 4))  # no RNN layer: nothing to say
+    report = measure_step(plain, torch.optim.SGD(plain.parameters(), lr=0.1), torch.randn(4, 16), backend="emulated")
+    assert RESERVE_NOTE not in report.notes
 
 
 # -- torch.compile --------------------------------------------------------------------------------

@@ -102,6 +102,9 @@ class Backend:
         """The value-aware emulation's notes (reads answered neutrally, upper bounds) join the report's."""
         self.notes.extend(notes)
 
+    def model_placed(self, model) -> None:
+        """Called with the user's (eager) model before it is placed: notes about what the backend cannot model."""
+
     def explain_failure(self, exc: BaseException) -> str | None:
         """Advice for an error the step raised on this backend (None: nothing to add)."""
         return None
@@ -188,6 +191,12 @@ class EmulatedBackend(Backend):
 
     def loop_context(self, optimizer) -> contextlib.AbstractContextManager:
         return self.optimizer_context(optimizer)
+
+    def model_placed(self, model) -> None:
+        from .._cuda_facts.rnn import RESERVE_NOTE, trains_cudnn_rnn
+
+        if trains_cudnn_rnn(model.modules()) and RESERVE_NOTE not in self.notes:
+            self.notes.append(RESERVE_NOTE)
 
     def add_value_notes(self, notes: list[str]) -> None:
         """As the base class, but LBFGS's own stopping-test reads are covered by its one note (they do not hold
