@@ -30,6 +30,7 @@ __all__ = [
     "TorchInternalMissing",
     "allocator_snapshot",
     "amp_availability_patch_target",
+    "checkpoint_recompute_patch_targets",
     "checks_torch_function",
     "cuda_cudnn_attention",
     "cuda_efficient_attention",
@@ -39,6 +40,7 @@ __all__ = [
     "dump_memory_snapshot",
     "forward_hook_counts",
     "function_mode_stack",
+    "fused_devices_patch_target",
     "foreach_sqrt_op",
     "grad_scaler_step_patch_target",
     "is_checkpoint_pack_hook",
@@ -283,6 +285,39 @@ def checkpoint_device_type_patch_target() -> tuple[Any, str]:
 
     _require(checkpoint, "_infer_device_type", "torch.utils.checkpoint")
     return checkpoint, "_infer_device_type"
+
+
+def checkpoint_recompute_patch_targets() -> tuple[tuple[type, str], tuple[type, str]]:
+    """Where activation checkpointing receives the function it will recompute in backward, for both modes.
+
+    Non-reentrant: ``torch.utils.checkpoint._CheckpointFrame.__init__(self, recompute_fn, ...)`` (its unpack
+    hook calls ``frame.recompute_fn``); reentrant: the static ``CheckpointFunction.forward(ctx, run_function,
+    preserve_rng_state, *args)`` (its backward calls ``ctx.run_function``). Checked on torch 2.11 and 2.14.
+    """
+    import torch.utils.checkpoint as checkpoint
+
+    frame = _require(checkpoint, "_CheckpointFrame", "torch.utils.checkpoint")
+    function = _require(checkpoint, "CheckpointFunction", "torch.utils.checkpoint")
+    for owner, name, first in ((frame, "__init__", "recompute_fn"), (function, "forward", "run_function")):
+        code = getattr(getattr(owner, name), "__code__", None)
+        names = code.co_varnames[:code.co_argcount] if code is not None else ()
+        if names[1:2] != (first,):
+            raise TorchInternalMissing(f"torch.utils.checkpoint.{owner.__name__}.{name}",
+                                       f"its second parameter is not {first!r} (found {names})")
+    return (frame, "__init__"), (function, "forward")
+
+
+def fused_devices_patch_target() -> tuple[Any, str]:
+    """(owner, name) of the function the optimizers' ``fused=True`` device check asks for the supported devices.
+
+    ``torch.optim.optimizer._get_fused_kernels_supported_devices``, called through the module by
+    ``_device_dtype_check_for_fused`` (Adam, AdamW, SGD, Adagrad; torch 2.4 .. 2.14).
+    """
+    import torch.optim.optimizer as optimizer
+
+    _require(optimizer, "_device_dtype_check_for_fused", "torch.optim.optimizer")
+    _require(optimizer, "_get_fused_kernels_supported_devices", "torch.optim.optimizer")
+    return optimizer, "_get_fused_kernels_supported_devices"
 
 
 #: Private GradScaler attributes EmulatedGradScaler reads or overrides (torch 2.3 .. 2.14).

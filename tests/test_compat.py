@@ -287,3 +287,40 @@ def test_checkpoint_infers_its_device_type_through_the_module():
     finally:
         setattr(owner, name, original)
     assert calls, _moved("torch.utils.checkpoint._infer_device_type (called through the module)")
+
+
+def test_checkpoint_hands_the_function_it_recomputes_to_the_patched_callables():
+    calls = []
+    for owner, name in _compat.checkpoint_recompute_patch_targets():
+        stored = vars(owner)[name]
+        original = getattr(owner, name)
+
+        def spy(first_arg_holder, fn, *args, _original=original, **kwargs):
+            def counted(*a, **k):
+                calls.append(name)
+                return fn(*a, **k)
+            return _original(first_arg_holder, counted, *args, **kwargs)
+
+        setattr(owner, name, staticmethod(spy) if isinstance(stored, staticmethod) else spy)
+        try:
+            for reentrant in (False, True):
+                x = torch.ones(2, requires_grad=True)
+                checkpoint(torch.sin, x, use_reentrant=reentrant).sum().backward()
+        finally:
+            setattr(owner, name, stored)
+    # non-reentrant: the frame's recompute_fn runs in backward; reentrant: run_function runs in forward and backward
+    assert calls.count("__init__") >= 1 and calls.count("forward") == 2, \
+        _moved("torch.utils.checkpoint._CheckpointFrame.__init__ / CheckpointFunction.forward")
+
+
+def test_the_fused_device_check_asks_the_patched_function():
+    owner, name = _compat.fused_devices_patch_target()
+    original = getattr(owner, name)
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    with pytest.raises(RuntimeError, match="fused=True"):
+        owner._device_dtype_check_for_fused(p)
+    setattr(owner, name, lambda: [*original(), "meta"])
+    try:
+        owner._device_dtype_check_for_fused(p)  # meta is accepted once the function answers it
+    finally:
+        setattr(owner, name, original)

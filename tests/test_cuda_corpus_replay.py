@@ -59,9 +59,7 @@ def test_the_corpus_covers_what_the_issue_asks():
 
 
 # steps the emulated backend cannot run yet: each a divergence from CUDA the corpus found (strict: a fix shows)
-EMULATION_GAPS = {
-    "mlp_adamw_fused": "fused=True optimizers refuse meta parameters; the emulation does not substitute them",
-}
+EMULATION_GAPS: dict[str, str] = {}
 
 
 def _gaps(names):

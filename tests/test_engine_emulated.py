@@ -144,19 +144,20 @@ def test_an_unknown_value_read_is_answered_and_noted_naming_the_line():
     assert report.category_peak(Category.GRADS) == nbytes(model.parameters())
 
 
-class NonzeroInForward(ItemInForward):
+class RepeatInForward(ItemInForward):
     def forward(self, x):
         h = self.linear(x)
-        return h[torch.nonzero(h > 0)[:, 0]]  # how many rows survive depends on the values
+        counts = (h[:, 0] > 0).long() + 1
+        return torch.repeat_interleave(h, counts, dim=0)  # how many rows come out depends on the values
 
 
 def test_data_dependent_shape_fails_naming_the_op_and_the_way_out():
-    model = NonzeroInForward()
+    model = RepeatInForward()
     with pytest.raises(StepFailed) as info:
         measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="emulated")
     message = str(info.value)
     assert "forward of step 0" in message
-    assert "nonzero" in message and "test_engine_emulated.py:" in message
+    assert "repeat_interleave" in message and "test_engine_emulated.py:" in message
     assert "backend='cpu'" in message
     # what was measured before the failure travels with it
     assert info.value.partial is not None
@@ -274,6 +275,43 @@ class _Checkpointed(nn.Module):
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+class _CheckpointedFunction(nn.Module):
+    """A checkpointed plain function of F.* calls (no module inside the region): Linear, GELU, dropout, Linear."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.pre, self.up, self.down, self.reentrant = nn.Linear(64, 64), nn.Linear(64, 1024), nn.Linear(1024, 8), reentrant
+
+    def forward(self, x):
+        def block(h):
+            h = torch.nn.functional.dropout(torch.nn.functional.gelu(
+                torch.nn.functional.linear(h, self.up.weight, self.up.bias)), 0.1, True)
+            return torch.nn.functional.linear(h, self.down.weight, self.down.bias)
+        return torch.utils.checkpoint.checkpoint(block, self.pre(x), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_plain_function_recomputes_with_the_cuda_kernels(reentrant):
+    # The recomputation used to run without the emulation: non-reentrant checkpoint refused it (the forward saved
+    # dropout's bool mask, the recompute an fp32 one); reentrant silently kept the CPU's fp32 mask.
+    reports = {}
+    for backend in ("cpu", "emulated"):
+        torch.manual_seed(0)
+        model = _CheckpointedFunction(reentrant)
+        reports[backend] = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(256, 64),
+                                        target=torch.randint(0, 8, (256,)), backend=backend)
+
+    def saved_and_transient(report, phase):
+        split = report.steps[-1].phases[phase].peak_split
+        return split[Category.ACTIVATIONS] + split[Category.TEMPORARIES]
+
+    # dropout over 256 x 1024 elements: the CPU keeps fp32 noise (4 B each), CUDA a bool mask (1 B each), both
+    # in the forward (under no_grad, a temporary) and in the recomputation (saved for backward):
+    # 256 * 1024 * (4 - 1) = 786432 B less on the emulated backend; every other tensor is a 512-B multiple
+    for phase in (Phase.FORWARD, Phase.BACKWARD):
+        assert saved_and_transient(reports["cpu"], phase) - saved_and_transient(reports["emulated"], phase) == 786432
 
 
 def test_checkpoint_recomputes_under_the_emulated_autocast():

@@ -108,18 +108,50 @@ def test_clip_grad_norm_with_error_if_nonfinite_runs_on_unknown_grads():
         torch.nn.utils.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
 
 
-def test_shape_deciding_op_on_unknown_values_fails_naming_op_line_and_way_out():
+def test_selections_on_unknown_values_keep_every_element_and_note_an_upper_bound():
+    w = torch.empty(2, 4, device=META)
+    with StorageTracker("meta", round_allocation) as tracker:
+        with KnownValues() as mode:
+            where = torch.nonzero(w > 0)
+            kept = w[w > 0]
+            selected = w.masked_select(w > 0)
+            rows = torch.where(w.sum(1) > 0)[0]
+            # the indices of an all-selected condition are known: every (row, column) of the 2 x 4 grid
+            assert where.tolist() == [[r, c] for r in range(2) for c in range(4)] and rows.tolist() == [0, 1]
+    assert where.shape == (8, 2) and kept.shape == (8,) and selected.shape == (8,)
+    # nonzero's int64 (8, 2) result: 128 B raw, one 512-B block on CUDA
+    assert 8 * 2 * 8 in [a.raw for a in tracker.allocations()]
+    assert len(mode.notes) == 4 and all("upper bound" in n and f"{HERE}:" in n for n in mode.notes)
+    assert any(n.startswith("nonzero") for n in mode.notes)
+    assert any(n.startswith("boolean-mask indexing") for n in mode.notes)
+    assert any(n.startswith("masked_select") for n in mode.notes)
+
+
+def test_a_selection_mask_rebuilt_from_assumed_indices_stays_exact():
+    """torchvision's sampler: where(matched >= 1) and where(matched == 0) on unknown labels each keep all; a
+    mask filled at a capped random subset of them is known again, so the final where() has the real count."""
+    matched = torch.empty(10, dtype=torch.long, device=META)
+    with KnownValues() as mode:
+        positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+        mask = torch.zeros_like(matched, dtype=torch.uint8)   # its value comes from the shape alone
+        mask[positive[torch.randperm(positive.numel(), device=META)[:3]]] = 1
+        mask[negative[torch.randperm(negative.numel(), device=META)[:4]]] = 1
+        sampled = torch.where(mask)[0]
+    # 3 positives and 4 negatives drawn from 10 assumed candidates each: 3 to 7 distinct indices, never 10
+    assert mode.value_of(mask) is not None and 3 <= sampled.numel() <= 7
+    assert sampled.numel() == int(mode.value_of(mask).sum())
+
+
+def test_shape_deciding_op_without_a_bound_fails_naming_op_line_and_way_out():
     w = torch.empty(8, device=META)
     with KnownValues():
         with pytest.raises(UnknownValueError) as info:
-            torch.nonzero(w > 0)
+            torch.unique(w)
     message = str(info.value)
-    assert "nonzero" in message and f"{HERE}:" in message and "backend='cpu'" in message
+    assert "unique" in message and f"{HERE}:" in message and "backend='cpu'" in message
     with KnownValues():
-        for call in (lambda: w[w > 0], lambda: torch.unique(w),
-                     lambda: torch.repeat_interleave(torch.empty(3, dtype=torch.long, device=META))):
-            with pytest.raises(UnknownValueError):
-                call()
+        with pytest.raises(UnknownValueError):
+            torch.repeat_interleave(torch.empty(3, dtype=torch.long, device=META))
 
 
 def test_shape_deciding_ops_on_known_values_get_the_real_shape_and_are_tracked():
@@ -173,37 +205,86 @@ def test_a_model_branching_on_its_padding_mask_runs_emulated_with_the_cpu_figure
 
 
 class UnknownMask(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.linear = nn.Linear(8, 8)
+        self.linear = nn.Linear(width, width)
 
     def forward(self, x):
         h = self.linear(x)
         return h[h > 0]  # the mask comes from parameters: its count is unknown
 
 
-def test_shape_deciding_op_on_parameter_data_fails_the_step_naming_the_user_line():
-    model = UnknownMask()
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def forward_temporaries(model: nn.Module, x: torch.Tensor, backend: str) -> tuple[int, tuple[str, ...]]:
+    """The steady step's forward temporaries at their peak, and the notes (lr 0: every step sees these weights)."""
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, backend=backend)
+    return report.steps[-1].phases[Phase.FORWARD].peak_split[Category.TEMPORARIES], report.notes
+
+
+def test_a_selection_on_parameter_data_is_measured_at_its_upper_bound_with_a_note_naming_the_line():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+    random_model = UnknownMask(256)
+    positive_model = UnknownMask(256)
+    with torch.no_grad():  # positive weights and bias on positive inputs: every h > 0, all 16384 kept
+        positive_model.linear.weight.abs_()
+        positive_model.linear.bias.fill_(0.1)
+        kept = int((random_model.linear(x) > 0).sum())
+        assert bool((positive_model.linear(x.abs()) > 0).all())
+    assert 0 < kept < 64 * 256
+    cpu_all, _ = forward_temporaries(positive_model, x.abs(), "cpu")
+    cpu_some, _ = forward_temporaries(random_model, x, "cpu")
+    emu_all, notes = forward_temporaries(positive_model, x.abs(), "emulated")
+    emu_some, _ = forward_temporaries(random_model, x, "emulated")
+    # the bound does not depend on the values: both emulated steps keep all 16384 elements
+    assert emu_some == emu_all and cpu_some < cpu_all
+    # where the cpu keeps all too, CUDA adds only nonzero's int64 (16384, 2) index of the 2-d mask:
+    # 16384 x 2 x 8 = 262144 B (the other temporaries are 512-B multiples but the 0-d loss, rounded up < 512 B)
+    assert 0 <= emu_all - cpu_all - 16384 * 2 * 8 < 512
+    (note,) = notes
+    assert note.startswith("boolean-mask indexing x[mask]") and f"{HERE}:" in note and "upper bound" in note
+
+
+class UniqueOfActivations(UnknownMask):
+    def forward(self, x):
+        return torch.unique(self.linear(x))  # how many distinct values there are has no useful bound
+
+
+def test_shape_deciding_op_without_a_bound_fails_the_step_naming_the_user_line():
+    model = UniqueOfActivations()
     with pytest.raises(StepFailed) as info:
         measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 8), backend="emulated")
     message = str(info.value)
     assert "UnknownValueError during forward of step 0" in message
-    assert "boolean-mask indexing" in message and f"{HERE}:" in message and "backend='cpu'" in message
+    assert "unique" in message and f"{HERE}:" in message and "backend='cpu'" in message
     assert info.value.partial is not None
 
 
-def test_extension_ops_with_data_dependent_shapes_run_on_known_values_and_fail_clearly_on_unknown():
+def test_nms_runs_on_known_values_and_keeps_every_box_on_unknown_with_the_cuda_kernels_buffers():
     torchvision = pytest.importorskip("torchvision")
     with KnownValues() as mode:
         boxes = meta_with_value(mode, torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30.0]]))
         scores = meta_with_value(mode, torch.tensor([0.9, 0.8, 0.7]))
         # box 1 overlaps box 0 with IoU 81/100 > 0.5 and is suppressed; box 2 overlaps nothing
         assert torchvision.ops.nms(boxes, scores, 0.5).tolist() == [0, 2]
-        with pytest.raises(UnknownValueError) as info:
-            torchvision.ops.nms(torch.empty(5, 4, device=META), torch.empty(5, device=META), 0.5)
+    assert mode.notes == []
+    n = 130
+    with StorageTracker("meta", round_allocation) as tracker:
+        with KnownValues() as mode:
+            keep = torchvision.ops.nms(torch.empty(n, 4, device=META), torch.empty(n, device=META), 0.5)
+    assert keep.shape == (n,) and keep.dtype == torch.long
+    raw = [a.raw for a in tracker.allocations()]
+    # the CUDA kernel's buffers for 130 boxes: sorted scores 520 B, order_t 1040 B, sorted boxes 2080 B,
+    # the suppression mask 130 x ceil(130 / 64) = 390 int64 words = 3120 B, keep on the device 1040 B
+    for nbytes in (n * 4, n * 8, n * 4 * 4, n * 3 * 8):
+        assert nbytes in raw
+    (note,) = mode.notes
     # the line inside torchvision that ran it, and the caller's own line
-    assert "torchvision.nms" in str(info.value) and "backend='cpu'" in str(info.value)
-    assert "torchvision/ops/boxes.py:" in str(info.value) and f"(called from {__file__}:" in str(info.value)
+    assert note.startswith("torchvision nms") and "upper bound" in note and "every box was assumed kept" in note
+    assert "torchvision/ops/boxes.py:" in note and f"(called from {__file__}:" in note
 
 
 def test_an_op_without_a_meta_kernel_fails_naming_the_op_and_the_line():

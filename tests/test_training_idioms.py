@@ -9,8 +9,11 @@ from torch import nn
 from pytest_gpumem import estimate_step, measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._core.step_calls import COMPILED_NOTE
-from pytest_gpumem._emulation.optimizers import predict_cuda_optimizer
-from pytest_gpumem._emulation.values import SPARSE_NOTE
+from pytest_gpumem._cuda_facts.rnn import RESERVE_NOTE
+from pytest_gpumem._emulation.optimizers import LBFGS_NOTE, predict_cuda_optimizer
+from pytest_gpumem._emulation.values import KnownValues
+from pytest_gpumem._measure.allocator import round_allocation
+from pytest_gpumem._measure.tracker import StorageTracker
 
 BACKENDS = ("cpu", "emulated")
 
@@ -50,6 +53,29 @@ def test_lbfgs_history_counts_as_optimizer_state_on_the_cpu():
     assert any(isinstance(v, list) and v for s in optimizer.state.values() for v in s.values())  # history kept
     retained = report.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER]
     assert retained == storage_bytes(state)
+
+
+def test_emulated_lbfgs_takes_its_longest_step_and_matches_a_cpu_step_that_does_not_converge():
+    # Before: the unknown gradient read as ones looked like an ascent direction (g.d > 0), so the emulated loop
+    # stopped after one evaluation and kept a third of the history a real step keeps (3.28 vs 7.02 MB peak).
+    states, evals = {}, None
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 4))
+        optimizer = torch.optim.LBFGS(model.parameters(), max_iter=4)
+        report = measure_step(model, optimizer, torch.randn(64, 256), target=torch.randint(0, 4, (64,)),
+                              backend=backend, steps=3)
+        states[backend] = [s.phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] for s in report.steps]
+        if backend == "cpu":
+            evals = optimizer.state[optimizer._params[0]]["func_evals"]
+        else:
+            assert report.notes == (LBFGS_NOTE,)
+    assert evals == 3 * 4  # the real steps did not converge: every one ran max_iter = 4 evaluations
+    # later steps append a curvature pair at each of their 4 iterations: two flat fp32 vectors of
+    # n = 256*512 + 512 + 512*4 + 4 = 133636 floats each (8 x 534544 B), and a few 0-d tensors (ro, H_diag)
+    assert states["emulated"] == states["cpu"]
+    growth = states["cpu"][2] - states["cpu"][1]
+    assert states["cpu"][1] - states["cpu"][0] == growth and 0 <= growth - 8 * 133636 * 4 < 512
 
 
 def test_a_closure_optimizer_with_a_grad_scaler_is_refused_clearly():
@@ -127,14 +153,99 @@ def test_adam_with_a_tensor_lr_keeps_the_loop_as_cuda_does():
     assert a.steps[-1].phases[Phase.OPTIMIZER].peak == b.steps[-1].phases[Phase.OPTIMIZER].peak
 
 
-def test_sparse_gradients_count_as_grads_on_the_cpu_and_are_noted_on_emulated():
-    model = nn.Sequential(nn.Embedding(1000, 16, sparse=True))
-    ids = torch.randint(0, 1000, (8, 4))
-    cpu = measure_step(model, torch.optim.SparseAdam(model.parameters()), ids, backend="cpu")
-    # an uncoalesced COO grad: int64 indices (1, 32) = 256 B and fp32 values (32, 16) = 2048 B
-    assert cpu.steps[-1].phases[Phase.BACKWARD].retained_split[Category.GRADS] == 256 + 2048
-    emulated = measure_step(model, torch.optim.SparseAdam(model.parameters()), ids, backend="emulated")
-    assert SPARSE_NOTE in emulated.notes
+class SparseBag(nn.Module):
+    """An Embedding(sparse=True) feeding a dense head: the classic sparse-gradient setup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(1000, 64, sparse=True), nn.Linear(64, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def sparse_step(optimizer: str, backend: str):
+    torch.manual_seed(0)
+    model = SparseBag()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if optimizer == "sgd"
+           else torch.optim.SparseAdam(list(model.emb.parameters())))
+    ids = torch.tensor([[3, 1, 3, 7], [7, 9, 2, 3]])  # 8 ids, 5 distinct (1, 2, 3, 7, 9)
+    return measure_step(model, opt, ids, target=torch.tensor([0, 1]), backend=backend)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sparse_adam"])
+def test_sparse_gradients_count_their_indices_and_values_as_grads_on_both_backends(optimizer):
+    cpu, emulated = sparse_step(optimizer, "cpu"), sparse_step(optimizer, "emulated")
+    # an uncoalesced COO grad (embedding_sparse_backward, the same code on CPU and CUDA): int64 indices (1, 8)
+    # = 64 B and fp32 values (8, 64) = 2048 B; the dense head's grads 4 * 64 * 4 + 4 * 4 = 1040 B
+    for report in (cpu, emulated):
+        grads = report.steps[-1].phases[Phase.BACKWARD].retained_split[Category.GRADS]
+        assert grads == 64 + 2048 + 1040, (report.backend, grads)
+    assert emulated.notes == ()  # the ids come from the batch: how many are distinct is known
+    if optimizer == "sparse_adam":  # dense exp_avg and exp_avg_sq: 2 x 1000 x 64 x 4 = 512000 B on both
+        for report in (cpu, emulated):
+            assert report.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] == 512000
+
+
+def test_coalescing_allocates_what_the_cuda_kernel_does_from_known_or_assumed_indices():
+    with StorageTracker("meta", round_allocation) as tracker:
+        with KnownValues() as mode:
+            indices = torch.tensor([[3, 1, 3, 7]]).to("meta")
+            mode.remember(indices, torch.tensor([[3, 1, 3, 7]]))
+            grad = torch.sparse_coo_tensor(indices, torch.empty(4, 16, device="meta"), (10, 16), check_invariants=False)
+            coalesced = grad.clone().coalesce()
+            unknown = torch.sparse_coo_tensor(torch.empty(1, 4, dtype=torch.long, device="meta"),
+                                              torch.empty(4, 16, device="meta"), (10, 16), check_invariants=False).coalesce()
+    assert coalesced._nnz() == 3 and coalesced._values().shape == (3, 16)  # ids 1, 3, 7
+    assert unknown._nnz() == 4 and unknown.is_coalesced()  # every index assumed distinct
+    raw = [a.raw for a in tracker.allocations()]
+    # clone: indices 4 x 8 = 32 B and values 4 x 16 x 4 = 256 B; _coalesce_sparse_cuda: the flattened indices,
+    # origIndices and uniqueOffsets (4 x 8 = 32 B each), values for the 3 unique indices 3 x 16 x 4 = 192 B
+    assert raw.count(32) >= 1 + 3 and 256 in raw and 192 in raw
+    (note,) = mode.notes
+    assert note.startswith("coalesce of a sparse tensor") and "upper bound" in note
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=0.01, fused=True),
+    lambda params: torch.optim.Adam(params, lr=0.01, fused=True),
+    lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True),
+    lambda params: torch.optim.Adagrad(params, lr=0.01, fused=True),
+], ids=["adamw", "adam", "sgd", "adagrad"])
+def test_fused_optimizers_run_emulated_with_the_cpu_backends_state(make):
+    reports = {}
+    for backend in BACKENDS:
+        model = mlp()
+        reports[backend] = measure_step(model, make(model.parameters()), torch.randn(8, 16),
+                                        target=torch.randint(0, 4, (8,)), backend=backend)
+    n_params = sum(p.numel() for p in mlp().parameters())  # 16*32 + 32 + 32*4 + 4 = 676
+    states = {be: r.steps[-1].phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] for be, r in reports.items()}
+    # the fused kernels update in place; fused Adam/AdamW keep each of the 4 parameters' `step` as an fp32 0-d
+    # device tensor (not a host scalar as foreach does): 2 moments x 676 x 4 B + 4 x 4 B = 5424 B
+    expected = {"AdamW": 2 * 4 * n_params + 16, "Adam": 2 * 4 * n_params + 16, "SGD": 4 * n_params,
+                "Adagrad": 4 * n_params + 16}[type(make([nn.Parameter(torch.ones(1))])).__name__]
+    assert states == {"cpu": expected, "emulated": expected}
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_an_emulated_rnn_training_step_says_cudnns_reserve_space_is_not_counted(rnn):
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn(16, 32, batch_first=True), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model = Tagger()
+    x, y = torch.randn(4, 5, 16), torch.randint(0, 4, (4,))
+    emulated = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, target=y, backend="emulated")
+    assert RESERVE_NOTE in emulated.notes
+    cpu = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, target=y, backend="cpu")
+    assert RESERVE_NOTE not in cpu.notes  # the cpu backend measures what the CPU runs: nothing left out
+    plain = nn.Sequential(nn.Linear(16, 4))  # no RNN layer: nothing to say
+    report = measure_step(plain, torch.optim.SGD(plain.parameters(), lr=0.1), torch.randn(4, 16), backend="emulated")
+    assert RESERVE_NOTE not in report.notes
 
 
 # -- torch.compile --------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ def test_emulated_differs_from_cpu_only_by_named_cuda_rules(name):
     step = build(name)
     emulated = measure(step, "emulated")
     assert not _uncovered(entry, cpu, emulated), f"{name}: differences no rule of {entry.rules} explains"
+    if "selection-upper-bound" in entry.rules:  # every candidate kept: no less than the real step keeps
+        assert emulated.peak >= cpu.peak, name
+        assert any("upper bound" in note for note in emulated.notes), name
 
     for ours, theirs in zip(cpu.steps, emulated.steps):
         for phase, stats in ours.phases.items():

@@ -30,3 +30,12 @@ def takes_foreach(group: Mapping[str, Any], device: str, optimizer_name: str | N
     if optimizer_name in LOOP_WITH_TENSOR_LR and hasattr(lr, "dim") and not group.get("capturable", False):
         return False  # a Tensor lr: CUDA keeps the per-parameter loop
     return optimizer_name is None or optimizer_name in FOREACH_BY_DEFAULT
+
+
+#: fused optimizer kernels (``torch._fused_adam_`` & co., aten/src/ATen/native/cuda/fused_*_impl.cu): they update
+#: params, grads and state lists in place through multi_tensor_apply, whose per-launch tensor metadata travels
+#: as kernel arguments (MultiTensorApply.cuh: "TensorListMetadata has to be < 4KB"), so they allocate nothing
+#: on the device. What fused=True keeps is state made in Python: each parameter's ``step`` is an fp32 0-d
+#: tensor on the device (``_get_scalar_dtype(is_fused=True)``), not a host scalar.
+FUSED_KERNELS_ALLOCATE_NOTHING: frozenset[str] = frozenset({"_fused_adam_", "_fused_adamw_", "_fused_sgd_",
+                                                            "_fused_adagrad_"})

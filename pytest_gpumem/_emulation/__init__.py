@@ -17,11 +17,11 @@ How the step runner uses it (the whole step, forward to optimizer, inside one co
 """
 from __future__ import annotations
 
-# registry order is the order substitutions chain in: autocast, dropout, sdpa, grad_scaler, literal_tensors
-from . import autocast, dropout, attention, grad_scaler, literals  # noqa: F401  (each registers its substitution)
+# registry order is the order substitutions chain in: autocast, dropout, sdpa, grad_scaler, literal_tensors, sparse_new
+from . import autocast, dropout, attention, grad_scaler, literals, sparse_ops  # noqa: F401  (each registers its substitution)
 from .grad_scaler import EmulatedGradScaler
 from .meta_failures import explain_meta_failure
-from .optimizers import predict_cuda_optimizer
+from .optimizers import LBFGS_NOTE, predict_cuda_optimizer
 from .semantics_mode import cuda_semantics, emulated_autocast
 from .substitutions import SUBSTITUTIONS, Substitution
 
@@ -29,6 +29,7 @@ __all__ = [
     "SUBSTITUTIONS",
     "Substitution",
     "EmulatedGradScaler",
+    "LBFGS_NOTE",
     "cuda_semantics",
     "emulated_autocast",
     "explain_meta_failure",

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from .._compat import checks_torch_function as _checks_torch_function
 from .._compat import without_torch_function_checks as _transparent
 from .autocast import _CACHE
-from .recompute import reentered_in_modules
+from .recompute import reentered_in_modules, reentered_in_recomputation
 from .substitutions import SUBSTITUTIONS, Substitution, _patched
 
 
@@ -81,7 +81,7 @@ def cuda_semantics(*, only: tuple[str, ...] | None = None) -> Iterator[None]:
     try:
         with _patched(tuple(p for s in chosen for p in s.patches)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-            with _CudaSemanticsMode(chosen) as mode, reentered_in_modules(mode):  # checkpoint recompute too
+            with _CudaSemanticsMode(chosen) as mode, reentered_in_modules(mode), reentered_in_recomputation(mode):
                 yield
     finally:
         _OWNER.clear()

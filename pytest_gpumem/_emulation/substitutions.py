@@ -44,12 +44,14 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) 
 
 @contextlib.contextmanager
 def _patched(patches: tuple) -> Iterator[None]:
-    """Set each (owner, attribute, make_replacement) for the duration; always put the originals back."""
+    """Set each (owner, attribute, make_replacement) for the duration; always put the originals back (a class's
+    own attribute as it was stored: a staticmethod stays one)."""
     saved = []
     try:
         for owner, attr, make in patches:
             original = getattr(owner, attr)
-            saved.append((owner, attr, original))
+            stored = vars(owner).get(attr, original) if isinstance(owner, type) else original
+            saved.append((owner, attr, stored))
             setattr(owner, attr, make(original))
         yield
     finally:

@@ -61,12 +61,23 @@ def _equal(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
     return func(a, b)
 
 
+def _selected(mode: "KnownValues", t: torch.Tensor, op: str) -> torch.Tensor:
+    """The value of a selecting mask or condition: known, else every element selected (noted)."""
+    known = mode._values.get(t) if _is_meta(t) else t
+    if known is not None:
+        return known
+    mode.upper_bound(op, f"every element was assumed selected (first call here: all {t.numel()})")
+    return torch.ones((), dtype=torch.bool).expand(t.shape)
+
+
 @_special(aten.nonzero.default)
 def _nonzero(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
     if not _is_meta(args[0]):
         return func(*args, **kwargs)
-    result = func(mode.need(args[0], "nonzero (torch.nonzero, torch.where(cond), argwhere)"), **kwargs)
-    return tree_map(mode._meta_like, result)
+    condition = _selected(mode, args[0], "nonzero (torch.nonzero, torch.where(cond), argwhere)")
+    if condition.numel() > mode.limit:  # a huge unknown condition: the shape without the index values
+        return torch.empty(condition.numel(), condition.dim(), dtype=torch.long, device=META)
+    return tree_map(mode._meta_like, func(condition, **kwargs))
 
 
 @_special(aten.masked_select.default)
@@ -74,7 +85,7 @@ def _masked_select(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) ->
     x, mask = args[0], args[1]
     if not (_is_meta(x) or _is_meta(mask)):
         return func(*args, **kwargs)
-    mask_value = mode.need(mask, "masked_select (x[mask] with a bool mask)")
+    mask_value = _selected(mode, mask, "masked_select (x[mask] with a bool mask)")
     if _is_meta(x) and x not in mode._values:
         count = int(torch.broadcast_to(mask_value, torch.broadcast_shapes(x.shape, mask.shape)).sum())
         return torch.empty(count, dtype=x.dtype, device=META)
@@ -92,7 +103,7 @@ def _index(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
     converted: list = []
     for index in indices:
         if _is_meta(index) and index.dtype in (torch.bool, torch.uint8):
-            where = torch.nonzero(mode.need(index, "boolean-mask indexing x[mask]").bool())
+            where = torch.nonzero(_selected(mode, index, "boolean-mask indexing x[mask]").bool())
             long_index = mode._meta_like(where)
             converted.extend(long_index.unbind(1))
         else:
@@ -117,6 +128,30 @@ def _shape_from_values(op_name: str) -> Handler:
     return handler
 
 
+def _nms_upper_bound(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
+    """torchvision's nms on unknown boxes or scores: every box kept (the most memory later code can see), with
+    the CUDA kernel's device buffers allocated and freed as it does (``_cuda_facts.detection``)."""
+    from .._cuda_facts.detection import nms_buffers
+
+    boxes, scores = args[0], args[1]
+    n = boxes.shape[0]
+    mode.upper_bound("torchvision nms (torchvision.ops.nms / batched_nms)",
+                     f"every box was assumed kept (first call here: all {n})")
+    held: list[torch.Tensor] = []  # the kernel's buffers, alive until it returns (a dropped one until the next)
+    dropped = False
+    for buffer in nms_buffers(n, n):
+        dtype = {"scores": scores.dtype, "boxes": boxes.dtype}.get(buffer.dtype, buffer.dtype)
+        held.append(torch.empty(buffer.shape, dtype=dtype, device=META))
+        if dropped:
+            del held[-2]
+        dropped = buffer.dropped
+    return torch.empty(n, dtype=torch.long, device=META)  # order_t.index(keep): every box, in score order
+
+
+#: ops whose meta kernel refuses data-dependent output shapes, answered with an upper bound on unknown values
+UPPER_BOUNDS: dict[str, Handler] = {"torchvision.nms.default": _nms_upper_bound}
+
+
 for _packet in _UNIQUE:
     for _overload in _packet.overloads():
         _SPECIAL[getattr(_packet, _overload)] = _shape_from_values("unique (torch.unique, unique_consecutive)")
@@ -131,17 +166,3 @@ def _repeat_interleave(mode: "KnownValues", func: Any, args: tuple, kwargs: dict
 
 
 _SPECIAL[aten.repeat_interleave.Tensor] = _repeat_interleave
-
-
-SPARSE_NOTE = ("sparse COO tensors on meta hold no entries (torch's meta kernels drop them when cloning or "
-               "coalescing): sparse gradients (Embedding(sparse=True)) and SparseAdam's per-entry temporaries are "
-               "not counted on the emulated backend; measure them with backend='cpu'")
-
-
-def _sparse(mode: "KnownValues", func: Any, args: tuple, kwargs: dict) -> Any:
-    if SPARSE_NOTE not in mode.notes:
-        mode.notes.append(SPARSE_NOTE)
-    return func(*args, **kwargs)
-
-
-_SPECIAL[aten._sparse_coo_tensor_with_dims_and_tensors.default] = _sparse

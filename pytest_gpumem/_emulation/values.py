@@ -21,9 +21,19 @@ Unknown values follow one policy (see :func:`neutral_reads`): a read whose answe
 memory (``.item()``, ``float()``, ``bool()``, ``.tolist()``, ``.cpu()``) is answered as if every unknown
 element were 1 (True): comparisons and finiteness tests on unknown tensors are evaluated that way, so
 ``torch.isfinite(x).all()`` is True and ``isnan``/``isinf`` are False. Each such read becomes a note
-naming the op and the code line. Where the value decides a shape (``nonzero``, boolean-mask indexing,
-``masked_select``, ``unique``, ``repeat_interleave`` with tensor repeats) it raises
-:class:`UnknownValueError` naming the op, the line and the way out (``backend="cpu"``).
+naming the op and the code line. Where the value decides a shape, two policies:
+
+- **upper bound** for selections (``nonzero``, ``torch.where(cond)``, boolean-mask indexing, ``masked_select``,
+  torchvision's ``nms``): every element is assumed selected and every box kept, the largest result each such
+  op can give (detectors cap what follows at ``post_nms_top_n`` / ``batch_size_per_image``). It bounds each
+  selection, and the step in the usual case where later memory grows with what was kept; exclusive
+  selections (one ``where`` per FPN level) each get everything. The selected indices become known values
+  (so ``zeros_like(m); m[idx] = 1; where(m)`` stays exact), and a note names the op, the line and that the
+  figure is an upper bound;
+- **fail** where no bound exists (``unique``, ``repeat_interleave`` with tensor repeats): it raises
+  :class:`UnknownValueError` naming the op, the line and the way out (``backend="cpu"``).
+
+``*_like`` and ``new_*`` factories (``zeros_like(scores)``) take their value from the shape alone.
 """
 from __future__ import annotations
 
@@ -34,11 +44,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .value_ops import _SPECIAL, META, SPARSE_NOTE, _is_meta, _shape_from_values, _to_cpu_device, aten
+from . import sparse_ops  # noqa: F401  (registers the sparse COO handlers)
+from .value_ops import _SPECIAL, META, UPPER_BOUNDS, _is_meta, _shape_from_values, _to_cpu_device, aten
 from .value_sites import NoMetaKernelError, UnknownValueError, user_site
 
-__all__ = ["KnownValues", "NoMetaKernelError", "UnknownValueError", "VALUE_LIMIT", "SEED_FLOAT_LIMIT", "SPARSE_NOTE",
-           "user_site"]
+__all__ = ["KnownValues", "NoMetaKernelError", "UnknownValueError", "VALUE_LIMIT", "SEED_FLOAT_LIMIT", "user_site"]
 
 
 #: most elements an op's outputs may hold for their values to be computed (16 Mi: a 4096 x 4096 mask)
@@ -125,6 +135,11 @@ def _numel(outs: list) -> int:
 _NO_VALUE_PREFIXES = ("empty", "new_empty", "resize", "set_", "_foreach_", "record_stream", "_has_compatible")
 #: in-place ops that overwrite their destination whole: its old value is not needed
 _OVERWRITE = frozenset({aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default, aten.copy_.default})
+#: ops whose output value depends on their input's shape and dtype only (``zeros_like(scores)``: a mask to fill)
+_SHAPE_ONLY = frozenset({
+    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.new_zeros.default,
+    aten.new_ones.default, aten.new_full.default,
+})
 #: reductions that keep a constant (a fill) constant
 _FILL_REDUCTIONS = frozenset({
     aten.all.default, aten.all.dim, aten.any.default, aten.any.dim, aten.amax.default, aten.amin.default,
@@ -166,6 +181,7 @@ class KnownValues(TorchDispatchMode):
         self.limit = limit
         self._values = _TensorTable()  # meta tensor -> CPU tensor
         self._fills = _TensorTable()   # meta tensor -> assumed constant
+        self._sparse = _TensorTable()  # sparse COO meta tensor -> the CPU value of its indices
         self._sharing: dict[int, dict[int, Any]] = {}  # id(meta storage) -> {id(tensor): weakref}
         self._ops: dict[Any, _OpInfo] = {}
         self._draws = 0  #: seeds random ops drawn for values, in order (deterministic across runs)
@@ -191,6 +207,14 @@ class KnownValues(TorchDispatchMode):
         if len(self._sharing) >= _MAX_STORAGES:  # a long loop: forget storages whose tensors all died
             self._sharing = {k: refs for k, refs in self._sharing.items() if any(r() is not None for r in refs.values())}
         self._sharing.setdefault(id(meta.untyped_storage()), {})[id(meta)] = weakref.ref(meta)
+
+    def remember_sparse_indices(self, sparse: torch.Tensor, indices: torch.Tensor) -> None:
+        """Record the value of a sparse COO meta tensor's indices (embedding ids: how many are distinct)."""
+        self._sparse[sparse] = indices.detach().to("cpu", torch.long)
+
+    def sparse_indices(self, sparse: torch.Tensor) -> torch.Tensor | None:
+        """The known indices of a sparse COO meta tensor (None when unknown)."""
+        return self._sparse.get(sparse)
 
     def value_of(self, t: torch.Tensor) -> torch.Tensor | None:
         """The known CPU value of meta tensor ``t`` (None when unknown)."""
@@ -234,6 +258,9 @@ class KnownValues(TorchDispatchMode):
             if isinstance(exc, (NoMetaKernelError, UnknownValueError)):
                 raise
             if "data-dependent" in str(exc):  # torchvision's nms & co: run on the values when they are known
+                bound = UPPER_BOUNDS.get(str(func))
+                if bound is not None and not self._all_known(args, kwargs):
+                    return bound(self, func, args, kwargs)
                 return _shape_from_values(str(func))(self, func, args, kwargs)
             if isinstance(exc, NotImplementedError) and "Meta" in str(exc):
                 raise NoMetaKernelError(
@@ -265,6 +292,9 @@ class KnownValues(TorchDispatchMode):
             if name in info.tensor_names:
                 _metas(arg, metas_in)
         values, fills = self._values.ids, self._fills.ids  # a dead tensor's id leaves these at once
+        if func in _SHAPE_ONLY:
+            self._from_shape(func, args, kwargs, out)
+            return
         if metas_in and not any(id(t) in values for t in metas_in):  # the common case: parameter-derived data
             for i in info.mutated:
                 if i < len(args) and _is_meta(args[i]):
@@ -314,6 +344,15 @@ class KnownValues(TorchDispatchMode):
         for m, v in zip(metas, values):
             if _is_meta(m) and isinstance(v, torch.Tensor) and v.shape == m.shape and v.dtype == m.dtype:
                 self.remember(m, v, owned=True)
+
+    def _from_shape(self, func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """The value of a ``*_like`` / ``new_*`` factory: the same op on a CPU stand-in of the input."""
+        source = args[0]
+        if not _is_meta(out) or out.numel() > self.limit:
+            return
+        stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype)
+        cpu_kwargs = {k: _to_cpu_device(v) for k, v in kwargs.items()}
+        self.remember(out, func(stand_in, *args[1:], **cpu_kwargs), owned=True)
 
     def _assume(self, func: Any, info: _OpInfo, args: tuple, kwargs: dict, metas_out: list) -> None:
         """Evaluate comparisons and finiteness tests as if unknown elements were 1 (kept as constants)."""
@@ -376,6 +415,21 @@ class KnownValues(TorchDispatchMode):
         neutral = torch.full((), fill, dtype=t.dtype)
         # a large read (logits.cpu()) gets a broadcast view, not gigabytes of host memory
         return neutral.expand(t.shape) if t.numel() > self.limit else neutral.expand(t.shape).clone()
+
+    def _all_known(self, args: tuple, kwargs: dict) -> bool:
+        """Whether every meta tensor among the arguments has a known value."""
+        return all(t in self._values for t in _metas([list(args), kwargs]))
+
+    def upper_bound(self, op: str, assumption: str) -> None:
+        """Note (once per op and code line) that a shape was decided by an unknown value, taken at its maximum."""
+        site = user_site()
+        if (op, site) in self._noted:
+            return
+        self._noted.add((op, site))
+        self.notes.append(
+            f"{op} at {site} decides a shape from values the emulated backend does not know (computed from "
+            f"parameters, activations or gradients): {assumption}; the figures are an upper bound for this op, "
+            "and a real GPU keeps fewer (measure with backend='cpu' for the figure on these values)")
 
     def need(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """The value of ``t`` where it decides a shape: known, else UnknownValueError."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -182,6 +183,19 @@ class _Uses(TorchDispatchMode):
         return out
 
 
+def _weak_pack(tracer: "_Tracer") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``tracer.pack`` through a weak reference. Autograd keeps a pack hook in every graph node that saved a
+    tensor, and the tracer holds the graph's tensors: a strong hook would close a cycle through C++ that gc
+    cannot collect, keeping the traced tensors alive after the estimate (the user's own parameters too,
+    when the loss closes over the model: a false leak warning)."""
+    ref = weakref.ref(tracer)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        alive = ref()
+        return alive.pack(t) if alive is not None else t
+    return pack
+
+
 class _Tracer:
     """Forward hooks and the saved-tensor hook of one trace: call records and saves in order."""
 
@@ -226,7 +240,7 @@ class _Tracer:
             # Inside torch.utils.checkpoint: record what the call would save (backward recomputes exactly
             # that) by putting our hook back on top until the call ends; the saves are tagged, not kept.
             call.region = self.regions.setdefault(foreign, len(self.regions))
-            hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+            hooks = torch.autograd.graph.saved_tensors_hooks(_weak_pack(self), _identity)
             hooks.__enter__()
             self.pushed.append((call.index, hooks))
 
@@ -275,7 +289,7 @@ class _Tracer:
         inputs, meta_target = _to_meta(batch), _to_meta(target)
         self.watch_autocast = autocast_dtype is None
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_weak_pack(self), _identity))
             stack.enter_context(_Uses(self))
             stack.callback(self.unwind)
             if self.device == "cuda" or autocast_dtype is not None:

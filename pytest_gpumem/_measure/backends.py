@@ -98,6 +98,13 @@ class Backend:
         """``torch.autocast`` for this backend's device."""
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def add_value_notes(self, notes: list[str]) -> None:
+        """The value-aware emulation's notes (reads answered neutrally, upper bounds) join the report's."""
+        self.notes.extend(notes)
+
+    def model_placed(self, model) -> None:
+        """Called with the user's (eager) model before it is placed: notes about what the backend cannot model."""
+
     def explain_failure(self, exc: BaseException) -> str | None:
         """Advice for an error the step raised on this backend (None: nothing to add)."""
         return None
@@ -178,10 +185,27 @@ class EmulatedBackend(Backend):
         stack = self._cuda_semantics()
         if optimizer is not None:
             stack.enter_context(emulation.predict_cuda_optimizer(optimizer))
+            if isinstance(optimizer, torch.optim.LBFGS) and emulation.LBFGS_NOTE not in self.notes:
+                self.notes.append(emulation.LBFGS_NOTE)
         return stack
 
     def loop_context(self, optimizer) -> contextlib.AbstractContextManager:
         return self.optimizer_context(optimizer)
+
+    def model_placed(self, model) -> None:
+        from .._cuda_facts.rnn import RESERVE_NOTE, trains_cudnn_rnn
+
+        if trains_cudnn_rnn(model.modules()) and RESERVE_NOTE not in self.notes:
+            self.notes.append(RESERVE_NOTE)
+
+    def add_value_notes(self, notes: list[str]) -> None:
+        """As the base class, but LBFGS's own stopping-test reads are covered by its one note (they do not hold
+        memory constant there: the loop's length follows them)."""
+        from .._emulation import LBFGS_NOTE
+
+        if LBFGS_NOTE in self.notes:
+            notes = [n for n in notes if " at torch/optim/lbfgs.py:" not in n]
+        self.notes.extend(notes)
 
     def autocast(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
         from .._emulation import emulated_autocast  # torch.autocast("cuda") as CUDA does it, on meta

@@ -92,7 +92,7 @@ class Session:
                 self._saving.__exit__(None, None, None)
                 if self.values is not None:
                     self.values.__exit__(None, None, None)
-                    self.backend.notes.extend(self.values.notes)
+                    self.backend.add_value_notes(self.values.notes)
                 self.tracker.__exit__(None, None, None)
             self.tracker.close()
             self.report = self._build_report()
@@ -146,6 +146,7 @@ class Session:
         model, compiled = eager_model(model)  # dynamo compiles nothing under a dispatch mode: say so
         if compiled is not None and compiled not in self.backend.notes:
             self.backend.notes.append(compiled)
+        self.backend.model_placed(model)
         current = model_device(model)
         if current is not None and current != device and not _same_device(current, device):
             mapping = device_copies(model, device)
@@ -438,6 +439,7 @@ def track(
             session.phase(0, Phase.SETUP)
             if model is not None:
                 session.model = model
+                session.backend.model_placed(model)
                 undo.append(model.register_forward_pre_hook(lambda m, a: enter(Phase.FORWARD)).remove)
             if optimizer is not None:
                 session.optimizer = optimizer

@@ -58,6 +58,11 @@ RULES: dict[str, Rule] = {
         "torch.autocast('cuda') casts by CUDA's op lists (bf16 matmuls, fp32 softmax and norms) and caches weight "
         "casts; the cpu backend runs CPU autocast's lists",
         _SAVES | {G}, frozenset({"forward", "backward"})),
+    "selection-upper-bound": Rule(
+        "selections decided by values computed from parameters (torchvision's remove_small_boxes, score filters, "
+        "nms, the proposal matcher's where()) keep every candidate on the emulated backend: an upper bound, noted "
+        "per op and line; the real step keeps fewer",
+        _SAVES | {G}, frozenset({"forward", "backward"})),
     "rnn-kernels": Rule(
         "the CPU runs ATen's fused LSTM/GRU kernels, the emulated step torch's per-cell decomposition of aten.lstm "
         "/ aten.gru; neither is cuDNN's fused RNN with its reserve buffer, which is not modelled yet",

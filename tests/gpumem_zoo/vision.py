@@ -81,10 +81,9 @@ def _tv_dense() -> None:
         lambda: segmentation.deeplabv3_mobilenet_v3_large(num_classes=5, weights_backbone=None, aux_loss=False)),
         ("dropout-bool-mask",)))
     register(Entry(
-        "tv_fasterrcnn_mobilenet_v3", "torchvision", _detection, SGD_RULES,
-        emulated_xfail="aten.nonzero (boolean-mask indexing) in torchvision's box matcher / sampler: training "
-                       "a detector selects proposals by value",
-        notes="train mode: the model returns a dict of losses; loss_fn sums them"))
+        "tv_fasterrcnn_mobilenet_v3", "torchvision", _detection, (*SGD_RULES, "selection-upper-bound"),
+        notes="train mode: the model returns a dict of losses; loss_fn sums them; the emulated step keeps every "
+              "proposal through nms and the box filters (upper bound): 248.25 MiB vs 221.76 MiB on cpu (1.12x)"))
 
 
 def _detection() -> Step:
