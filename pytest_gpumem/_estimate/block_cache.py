@@ -36,6 +36,7 @@ class BlockTracer(Protocol):
     uses: list[tuple[int, torch.Tensor, int]]  #: (op, tensor, how it was used)
     ops: int                              #: ops run so far
     passthrough: set[int]                 #: ops whose backward hands the grad on unchanged
+    scratch: dict[int, tuple[int, ...]]   #: op -> bytes its backward allocates and frees (attention scratch)
     paused: bool                          #: set while a replay makes its own tensors
 
     def new_call(self, **fields: Any) -> Any: ...
@@ -149,6 +150,7 @@ class Template:
     first_op: int = 0                       #: the tracer's op counter when the block began
     n_ops: int = 0                          #: ops the block ran
     passthrough: frozenset = frozenset()    #: ops (from first_op) whose backward passes the grad on as is
+    scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)  #: op (from first_op) -> backward scratch
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
@@ -236,6 +238,7 @@ class BlockCache:
         template = self._record(module, leaves, output, first_call, first_save, seen.created, uses)
         template.first_op, template.n_ops = first_op, tr.ops - first_op
         template.passthrough = frozenset(op - first_op for op in tr.passthrough if op >= first_op)
+        template.scratch = {op - first_op: n for op, n in tr.scratch.items() if op >= first_op}
         self.templates[key] = template
         return output
 
@@ -385,6 +388,7 @@ class BlockCache:
         tr.save_ops.extend(op + shift_op for op in t.save_ops)
         tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
         tr.passthrough.update(op + tr.ops for op in t.passthrough)
+        tr.scratch.update({op + tr.ops: n for op, n in t.scratch.items()})
         tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)
         block.children = t.children
