@@ -2,6 +2,9 @@
 LoRA (peft), with and without gradient checkpointing. Prints wall time (targets: < 1 s for 8B, < 3 s for 70B),
 host memory (tracemalloc peak, ru_maxrss growth) and the estimate's peak and split.
 
+The time is one estimate run without tracemalloc (which slows Python code several-fold); the host memory comes
+from a second run of the same estimate under tracemalloc (``--skip-memory`` leaves it out).
+
 The models are built under ``torch.device("meta")`` (never materialised) from configs with
 ``attn_implementation="sdpa"`` and the default ``use_cache`` (``use_cache=False`` makes transformers check
 position ids with ``.all()``, which meta tensors cannot answer; issue 13's value-aware emulation is for that);
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--only", default="")
+    ap.add_argument("--skip-memory", action="store_true", help="time only (no second run under tracemalloc)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}; batch {args.batch} x seq {args.seq}; AdamW; bf16 params")
     t0 = time.perf_counter()
@@ -95,14 +99,18 @@ def main() -> None:
                                                           device="meta")
                 gc.collect()
                 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                tracemalloc.start()
                 t0 = time.perf_counter()
                 est = estimate_step(model, opt, batch, loss_fn=lambda out, _t: out.loss, device="cuda", steps=1)
                 took = time.perf_counter() - t0
-                _, traced_peak = tracemalloc.get_traced_memory()
-                tracemalloc.stop()
                 rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-                print(f"{label:40}{built:>9.2f}{took:>11.2f}{format_bytes(traced_peak):>13}{format_bytes(rss):>10}"
+                traced = "-"
+                if not args.skip_memory:
+                    gc.collect()
+                    tracemalloc.start()
+                    estimate_step(model, opt, batch, loss_fn=lambda out, _t: out.loss, device="cuda", steps=1)
+                    traced = format_bytes(tracemalloc.get_traced_memory()[1])
+                    tracemalloc.stop()
+                print(f"{label:40}{built:>9.2f}{took:>11.2f}{traced:>13}{format_bytes(rss):>10}"
                       f"{format_bytes(est.peak):>12}{format_bytes(est.params):>12}{format_bytes(est.optimizer):>12}"
                       f"{format_bytes(est.category_peak(Category.ACTIVATIONS)):>13}", flush=True)
                 del model, opt, est

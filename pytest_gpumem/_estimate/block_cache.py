@@ -21,7 +21,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 from .._core.tensors import tensors_in as _tensors_in
-from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
+from .._compat import (MODULE_CHILDREN_DICT, MODULE_TENSOR_DICTS, TorchDispatchMode, forward_hook_counts, storage_key,
+                       tree_flatten, tree_map, tree_unflatten)
 
 META = torch.device("meta")
 
@@ -56,27 +57,54 @@ def _key(t: torch.Tensor) -> int:
     return storage_key(t)
 
 
-def _value_signature(v: Any) -> Any:
-    """Primitives (and tuples of them) by value, anything else by identity (shared objects stay shared)."""
+def _value_signature(v: Any, depth: int = 0, path: str = "") -> Any:
+    """Primitives and plain containers of them by value, anything else by identity (shared objects stay shared).
+
+    Containers (tuple, list, dict with primitive keys, set) are compared by value a few levels deep: peft's LoRA
+    layers hold ``lora_alpha = {"default": 16}`` and empty cache dicts, each layer its own, equal in value. A
+    string naming the module's own place (``path``, the module's dotted path, or a tail of it: peft keeps
+    ``kwargs["target_name"] = "model.layers.0.self_attn.q_proj"``) says where it sits, not what it computes."""
+    if isinstance(v, str) and path and "." in v and (path == v or path.endswith("." + v)):
+        return ("own path",)
     if isinstance(v, _PRIMITIVES):
         return v
-    if isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v):
-        return (type(v).__name__, tuple(v))
+    if depth < 4:
+        if type(v) in (tuple, list):
+            return (type(v).__name__, tuple(_value_signature(x, depth + 1, path) for x in v))
+        if type(v) is dict and all(isinstance(k, _PRIMITIVES) for k in v):
+            return ("dict", tuple((k, _value_signature(x, depth + 1, path)) for k, x in v.items()))
+        if type(v) in (set, frozenset) and all(isinstance(x, _PRIMITIVES) for x in v):
+            return (type(v).__name__, frozenset(v))
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), tuple(v.shape), v.dtype, v.requires_grad)
     return ("object", id(v))
 
 
-def module_signature(module: nn.Module) -> tuple:
-    """What a module's forward can depend on besides its inputs: per submodule, class, attributes, tensors."""
-    parts = []
-    for name, sub in module.named_modules(remove_duplicate=False):
-        attrs = tuple(sorted((k, _value_signature(v)) for k, v in vars(sub).items()
+class ModuleSignatures:
+    """What a module's forward can depend on besides its inputs (class, attributes, tensors, and its submodules'
+    the same way), as a small int: equal for modules whose whole trees match. Memoised bottom-up, so signing
+    every module of a model costs one visit per module (peft's LoRA layers nest five deep)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._ids: dict[tuple, int] = {}
+        self._of: dict[int, int] = {}  #: id(module) -> its signature
+        self._paths = {id(m): name for name, m in model.named_modules()}
+
+    def __call__(self, module: nn.Module) -> int:
+        found = self._of.get(id(module))
+        if found is None:
+            found = self._of[id(module)] = self._ids.setdefault(self._parts(module), len(self._ids))
+        return found
+
+    def _parts(self, module: nn.Module) -> tuple:
+        path = self._paths.get(id(module), "")
+        attrs = tuple(sorted((k, _value_signature(v, 0, path)) for k, v in vars(module).items()
                              if k not in _MODULE_INTERNALS and k not in _POSITION_ONLY and k != "forward"))
-        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False))
-        buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False))
-        parts.append((name, type(sub), attrs, params, buffers))
-    return tuple(parts)
+        params, buffers = (getattr(module, name) for name in MODULE_TENSOR_DICTS)
+        return (type(module), attrs,
+                tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in params.items() if p is not None),
+                tuple((n, tuple(b.shape), b.dtype) for n, b in buffers.items() if b is not None),
+                tuple((n, self(c)) for n, c in getattr(module, MODULE_CHILDREN_DICT).items() if c is not None))
 
 
 def _call_signature(args: tuple, kwargs: dict) -> tuple[tuple, list[Any]]:
@@ -181,16 +209,17 @@ class BlockCache:
         self.records = 0
         self._undo: list[Callable[[], None]] = []
         signatures = {}
+        sign = ModuleSignatures(model)
         for m in model.modules():
             if m is model or not any(True for _ in m.children()):
                 continue
             if max(forward_hook_counts(m)) > 1:
                 continue  # a user's hook would be skipped by a replay
-            signatures[m] = module_signature(m)
-        counts: dict[tuple, int] = {}
+            signatures[m] = sign(m)
+        counts: dict[int, int] = {}
         for sig in signatures.values():
             counts[sig] = counts.get(sig, 0) + 1
-        self._module_sig: dict[int, tuple] = {}
+        self._module_sig: dict[int, int] = {}
         for m, sig in signatures.items():
             if counts[sig] > 1:
                 self._module_sig[id(m)] = sig

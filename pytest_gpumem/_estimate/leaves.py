@@ -154,7 +154,7 @@ def _input_copies(c: _Call, trace: _Trace, skip: set[int]) -> set[int]:
     ins = {_storage_key(t): t.untyped_storage().nbytes() for t in c.inputs if t.requires_grad}
     ins = {k: n for k, n in ins.items() if k not in skip}
     copies: set[int] = set()
-    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+    for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
         group = list(group)
         read = {_storage_key(t) for _, t, kind in group if kind == GRAD_IN}
         made = {_storage_key(t): t.untyped_storage().nbytes() for _, t, kind in group if kind == OUT}
@@ -175,9 +175,8 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
     backend: B=1, L=1, E=8, the sdpa backward is the step's peak, two 512-B blocks over out_proj's grads)."""
     inner_set = set(inner)
     by_op: dict[int, list[tuple[torch.Tensor, int]]] = {}
-    for op, t, kind in trace.uses:
-        if c.op_start <= op < c.op_end:
-            by_op.setdefault(op, []).append((t, kind))
+    for op, t, kind in trace.uses_between(c.op_start, c.op_end):
+        by_op.setdefault(op, []).append((t, kind))
     out_key = _storage_key(out)
     peaks = []
     for op, used in sorted(by_op.items()):
@@ -213,7 +212,7 @@ def _loss_transients(c: _Call, trace: _Trace, life: "_Lifetimes", saves: list[_S
     those storages alive there that nobody saves (``skip`` holds the saved ones, its output, parameters and
     batch), and the call's own saves not yet made at that op (as _Leaf fields)."""
     from_params = set(trace.param_keys)
-    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+    for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
         group = list(group)
         if any(kind != OUT and _storage_key(t) in from_params for _, t, kind in group):
             from_params.update(_storage_key(t) for _, t, kind in group if kind == OUT)

@@ -1,6 +1,7 @@
 """Trace forward and loss on a meta twin: module calls, saved tensors in order, every op's tensors."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ class _Trace:
     passthrough: frozenset = frozenset()  #: ops whose backward hands the output's grad on unchanged
     #: op -> bytes of each buffer its backward allocates and frees (a CUDA attention kernel's scratch)
     scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def uses_between(self, start: int, end: int) -> list[tuple[int, torch.Tensor, int]]:
+        """The entries of ``uses`` with ``start <= op < end`` (``uses`` is in op order: a bisection, not a scan)."""
+        ops = self.__dict__.get("_use_ops")
+        if ops is None or len(ops) != len(self.uses):
+            ops = self.__dict__["_use_ops"] = [u[0] for u in self.uses]
+            assert all(a <= b for a, b in zip(ops, ops[1:])), "trace uses out of op order"
+        return self.uses[bisect.bisect_left(ops, start):bisect.bisect_left(ops, end)]
 
     def grad_nbytes(self, p: torch.Tensor) -> int:
         """Bytes of twin parameter ``p``'s gradient after backward."""
