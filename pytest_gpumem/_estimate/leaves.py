@@ -45,6 +45,7 @@ class _Leaf:
     #: (op, the call's grads alive while that op's backward runs: its output grads, the input grads it makes,
     #: inner grads held across it, the residual's or the call output's grad)
     op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    scratch: tuple[int, ...] = ()  #: backward: buffers its kernels allocate and free (CUDA attention's scratch)
 
 
 def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]],
@@ -137,7 +138,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
             op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
                             out_new, in_live, grads, grad_ops=grad_ops, grad_inner=grad_inner, grad_split=grad_split,
-                            op_peaks=op_peaks,
+                            op_peaks=op_peaks, scratch=_scratch_elsewhere(c, trace, op_peaks),
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
                             inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
@@ -190,8 +191,16 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
         out_grads = [life.grad[k] for k in outs if k in life.grad and k != out_key]
         held = [life.grad[k] for k in inner if k not in outs and life.first[k] < op < life.last_grad.get(k, -1)]
         tail = (_nbytes(out),) if out.requires_grad and op >= out_op else residual
-        peaks.append((op, tuple(out_grads + made + held) + tail))
+        # a CUDA attention kernel's backward allocates its scratch beside the grads it makes
+        peaks.append((op, tuple(out_grads + made + held) + tail + trace.scratch.get(op, ())))
     return tuple(peaks)
+
+
+def _scratch_elsewhere(c: _Call, trace: _Trace, op_peaks: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[int, ...]:
+    """Backward scratch of the ops of call ``c`` that no op peak of it holds (the call's backward holds it)."""
+    placed = {op for op, _ in op_peaks}
+    return tuple(b for op, sizes in sorted(trace.scratch.items())
+                 if c.op_start <= op < c.op_end and op not in placed for b in sizes)
 
 
 def _grads_by_op(c: _Call, grads: tuple[int, ...], life: "_Lifetimes") -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -203,6 +203,7 @@ class StepReplay:
         new_grads = [] if grads_present else list(leaf.grad_raw)
         accum = list(leaf.grad_raw) if grads_present else []
         held = [(T, leaf.in_raw, rnd(leaf.in_raw))] + [(T, g, rnd(g)) for g in leaf.cross_raw]
+        scratch = [(T, b, rnd(b)) for b in leaf.scratch]
         if leaf.inner_raw:
             # a chain inside the call (cross-entropy: log_softmax -> nll_loss): the inner grad is made
             # beside the output grad, then the input grad beside it
@@ -225,7 +226,7 @@ class StepReplay:
             self._backward_by_op(leaf, new_grads, held, threshold)
         else:
             extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
-            live.observe(extra)
+            live.observe(extra + scratch)
             for g in new_grads:
                 live.add(Category.GRADS, g, rnd(g))
         # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution

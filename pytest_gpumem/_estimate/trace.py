@@ -245,9 +245,19 @@ class _Tracer:
             self.pushed.append((call.index, hooks))
 
     def add_scratch(self, output: torch.Tensor, nbytes: tuple[int, ...]) -> None:
-        """The op that just made ``output`` (a CUDA attention kernel) allocates ``nbytes`` in its backward."""
-        if not self.paused:
-            self.scratch[self.ops - 1] = nbytes
+        """The op that made ``output`` (a CUDA attention kernel, just run) allocates ``nbytes`` in its backward
+        (ops after it, such as autograd's detach of the saved output, are not it)."""
+        if self.paused:
+            return
+        key, made, since = _storage_key(output), None, 0
+        for op, t, kind in reversed(self.uses):  # the storage's first appearance: the kernel made it
+            if kind == OUT and _storage_key(t) == key:
+                made, since = op, 0
+            since += 1
+            if made is not None and since > 64:
+                break
+        if made is not None:
+            self.scratch[made] = nbytes
 
     def new_region(self) -> int:
         """A checkpoint region number of its own (for a replayed block's region)."""
