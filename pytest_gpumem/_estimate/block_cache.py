@@ -336,65 +336,31 @@ class BlockCache:
 
     def _replay_paused(self, t: Template, module: nn.Module, leaves: list[Any], block_index: int, block: Any) -> Any:
         tr = self.tracer
-        by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
-                                       module.named_buffers(remove_duplicate=False)))
-        bases: list[torch.Tensor] = []
-        for kind, value in t.slots:
-            if kind == "arg":
-                bases.append(leaves[value])
-            elif kind == "param":
-                bases.append(by_name[value])
-            elif kind == "fixed":
-                bases.append(value)
-            else:
-                bases.append(torch.empty(value, dtype=torch.uint8, device=META))
-        made: dict[int, torch.Tensor] = {}
+        rebuilt = _Rebuilt(t, module, leaves)
+        output = rebuilt.outputs()
+        make = rebuilt.make
+        shift_call, shift_op = block_index - t.first_call, tr.ops - t.first_op
+        self._replay_calls(t, module, block, make, shift_call, len(tr.order) - t.first_save, shift_op)
+        tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
+        tr.save_ops.extend(op + shift_op for op in t.save_ops)
+        tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
+        tr.passthrough.update(op + tr.ops for op in t.passthrough)
+        tr.scratch.update({op + tr.ops: n for op, n in t.scratch.items()})
+        tr.ops += t.n_ops
+        block.saved.extend(make(x) for x in t.saved)
+        block.children = t.children
+        return output
 
-        def make(x: Any) -> Any:
-            if not isinstance(x, torch.Tensor):
-                return x
-            new = made.get(id(x))
-            if new is None:
-                d = t.descs[id(x)]
-                new = bases[d.slot]
-                if not d.exact:
-                    with torch.no_grad():
-                        new = torch.empty(0, dtype=d.dtype, device=META).set_(
-                            new.untyped_storage(), d.offset, d.size, d.stride)
-                    if d.requires_grad:
-                        new.requires_grad_()
-                made[id(x)] = new
-            return new
-
-        # outputs first: the ones that require grad come out of an autograd node, as real outputs do
-        out_leaves, spec = tree_flatten(t.output)
-        fresh = [x for x in out_leaves if isinstance(x, torch.Tensor) and x.requires_grad
-                 and not t.descs[id(x)].exact]
-        if fresh:
-            plain = [dict(vars(t.descs[id(x)])) for x in fresh]
-
-            def build() -> tuple[torch.Tensor, ...]:
-                outs = []
-                for d in plain:
-                    base = bases[d["slot"]]
-                    outs.append(torch.empty(0, dtype=d["dtype"], device=META).set_(
-                        base.untyped_storage(), d["offset"], d["size"], d["stride"]))
-                return tuple(outs)
-
-            anchor = torch.empty(0, device=META, requires_grad=True)
-            for x, new in zip(fresh, _Outputs.apply(anchor, build)):
-                made[id(x)] = new
-        output = tree_unflatten([make(x) for x in out_leaves], spec)
-
+    def _replay_calls(self, t: Template, module: nn.Module, block: Any, make: Callable[[Any], Any],
+                      shift_call: int, shift_save: int, shift_op: int) -> None:
+        """The template's nested call records, renumbered for this replay and holding the rebuilt tensors."""
+        tr = self.tracer
         # each checkpoint region of the template is, in this replay, a region of its own (the checkpoint may wrap
         # the block's forward, outside this replay, as transformers' GradientCheckpointingLayer does)
         regions: dict[int, int] = {}
-        shift_call = block_index - t.first_call
-        shift_save = len(tr.order) - t.first_save
-        shift_op = tr.ops - t.first_op
         modules = dict(module.named_modules(remove_duplicate=False))
         for c in t.calls:
-            new = tr.new_call(
+            tr.calls.append(tr.new_call(
                 index=c.index + shift_call,
                 name=block.name + c.name[len(t.name):] if c.name.startswith(t.name) else c.name,
                 module=modules.get(t.paths.get(id(c.module), ""), None) if c.module is not None else None,
@@ -411,14 +377,65 @@ class BlockCache:
                 op_start=c.op_start + shift_op,
                 op_end=c.op_end + shift_op,
                 region=regions.setdefault(c.region, tr.new_region()) if c.region is not None else None,
-            )
-            tr.calls.append(new)
-        tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
-        tr.save_ops.extend(op + shift_op for op in t.save_ops)
-        tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
-        tr.passthrough.update(op + tr.ops for op in t.passthrough)
-        tr.scratch.update({op + tr.ops: n for op, n in t.scratch.items()})
-        tr.ops += t.n_ops
-        block.saved.extend(make(x) for x in t.saved)
-        block.children = t.children
-        return output
+            ))
+
+
+class _Rebuilt:
+    """A template's tensors made anew for one replay: each slot's storage (the call's arguments, the module's own
+    parameters, fixed tensors, fresh storages), and views of them as the template describes."""
+
+    def __init__(self, t: Template, module: nn.Module, leaves: list[Any]) -> None:
+        self.t = t
+        by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
+                                       module.named_buffers(remove_duplicate=False)))
+        self.bases: list[torch.Tensor] = []
+        for kind, value in t.slots:
+            if kind == "arg":
+                self.bases.append(leaves[value])
+            elif kind == "param":
+                self.bases.append(by_name[value])
+            elif kind == "fixed":
+                self.bases.append(value)
+            else:
+                self.bases.append(torch.empty(value, dtype=torch.uint8, device=META))
+        self.made: dict[int, torch.Tensor] = {}
+
+    def make(self, x: Any) -> Any:
+        """The replay's tensor for template tensor ``x`` (anything else as it is)."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        new = self.made.get(id(x))
+        if new is None:
+            d = self.t.descs[id(x)]
+            new = self.bases[d.slot]
+            if not d.exact:
+                with torch.no_grad():
+                    new = torch.empty(0, dtype=d.dtype, device=META).set_(
+                        new.untyped_storage(), d.offset, d.size, d.stride)
+                if d.requires_grad:
+                    new.requires_grad_()
+            self.made[id(x)] = new
+        return new
+
+    def outputs(self) -> Any:
+        """The block's output, rebuilt first: the tensors that require grad come out of an autograd node, as real
+        outputs do."""
+        t, bases = self.t, self.bases
+        out_leaves, spec = tree_flatten(t.output)
+        fresh = [x for x in out_leaves if isinstance(x, torch.Tensor) and x.requires_grad
+                 and not t.descs[id(x)].exact]
+        if fresh:
+            plain = [dict(vars(t.descs[id(x)])) for x in fresh]
+
+            def build() -> tuple[torch.Tensor, ...]:
+                outs = []
+                for d in plain:
+                    base = bases[d["slot"]]
+                    outs.append(torch.empty(0, dtype=d["dtype"], device=META).set_(
+                        base.untyped_storage(), d["offset"], d["size"], d["stride"]))
+                return tuple(outs)
+
+            anchor = torch.empty(0, device=META, requires_grad=True)
+            for x, new in zip(fresh, _Outputs.apply(anchor, build)):
+                self.made[id(x)] = new
+        return tree_unflatten([self.make(x) for x in out_leaves], spec)

@@ -98,47 +98,13 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         own_casts = [cast for cast in life.casts if c.op_start <= cast[0] < c.op_end]
         in_live += tuple(b for _, _, k, b in own_casts if k not in saved_now)
         grads, grad_ops = tuple(grads_of.pop(c.index, ())), ()
-        grad_inner: tuple[tuple[int, ...], ...] = ()
-        grad_split: tuple[tuple[int, ...], ...] = ()
-        op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        traced: dict[str, Any] = {}
         if c.items is None and c.module is not None and grads and c.index not in accum_of:
-            grads, grad_ops = _grads_by_op(c, grads, life)
-            inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
-            # the output's grad goes once backward is past the op that made the output (out_proj)
-            out_op = life.first.get(out_key, c.op_end)
-            # an input used differentiably after the call (the residual of post-norm ``x + sa(x)``) has its grad
-            # from that later use held through the whole backward of the call: the add passes the output's grad
-            # on to it unchanged, so below out_op the output's grad is still alive as that input's grad, until the
-            # call's input grad is summed into it (measured on the CPU: B=3, L=1, E=8, the residual's 96 B beside
-            # in_proj's weight grad)
-            residual = tuple(life.grad[k] for k in dict.fromkeys(_storage_key(t) for t in c.inputs if t.requires_grad)
-                             if k not in skip and k != out_key and life.last_grad.get(k, -1) >= c.op_end)
-            # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
-            # that grad is the call's input grad, which in_raw counts
-            copies = _input_copies(c, trace, skip)
-            grad_inner = tuple(tuple(life.grad[k] for k in inner
-                                     if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
-                               + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
-                               for op in grad_ops)
-            # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
-            # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
-            # slices' full-size grads and their sum (3 x the storage) are alive together, beside the other
-            # n - 2 slices' grads (and the residual's grad, below), before the grad op below it (in_proj) runs
-            # and before the call's input grad exists (measured on the CPU: 3 x 13824 + 4608 B, and the
-            # residual's 4608 B, for B=8, L=6, E=24; emulated, B=14, L=1, E=28 with dropout)
-            split = {}
-            for k in inner:
-                n = len(life.slices.get(k, ()))
-                if n >= 2:
-                    below = [op for op in grad_ops if op <= life.first[k]]
-                    if below:
-                        size = life.storage[k]
-                        split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 2)
-            grad_split = tuple(split[op] + residual if op in split else () for op in grad_ops)
-            op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
+            traced = _traced_call_grads(c, grads, trace, life, skip, outs)
+            grads = traced.pop("grads")
+        op_peaks = traced.get("op_peaks", ())
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
-                            out_new, in_live, grads, grad_ops=grad_ops, grad_inner=grad_inner, grad_split=grad_split,
-                            op_peaks=op_peaks, scratch=_scratch_elsewhere(c, trace, op_peaks),
+                            out_new, in_live, grads, **traced, scratch=_scratch_elsewhere(c, trace, op_peaks),
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
                             inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
@@ -147,6 +113,50 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
                                                 skip | {_storage_key(t) for t in outs} | saved_ever)
                                if c.module is None else {})))
     return leaves
+
+
+def _traced_call_grads(c: _Call, grads: tuple[int, ...], trace: _Trace, life: _Lifetimes, skip: set[int],
+                       outs: list[torch.Tensor]) -> dict[str, Any]:
+    """A traced call's backward op by op (nn.MultiheadAttention's functional body): its parameter grads placed at
+    their ops, the inner grads alive at each, slice-grad sums and op peaks (as _Leaf fields, with "grads")."""
+    out = outs[0]
+    out_key = _storage_key(out)
+    grads, grad_ops = _grads_by_op(c, grads, life)
+    inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
+    # the output's grad goes once backward is past the op that made the output (out_proj)
+    out_op = life.first.get(out_key, c.op_end)
+    # an input used differentiably after the call (the residual of post-norm ``x + sa(x)``) has its grad
+    # from that later use held through the whole backward of the call: the add passes the output's grad
+    # on to it unchanged, so below out_op the output's grad is still alive as that input's grad, until the
+    # call's input grad is summed into it (measured on the CPU: B=3, L=1, E=8, the residual's 96 B beside
+    # in_proj's weight grad)
+    residual = tuple(life.grad[k] for k in dict.fromkeys(_storage_key(t) for t in c.inputs if t.requires_grad)
+                     if k not in skip and k != out_key and life.last_grad.get(k, -1) >= c.op_end)
+    # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
+    # that grad is the call's input grad, which in_raw counts
+    copies = _input_copies(c, trace, skip)
+    grad_inner = tuple(tuple(life.grad[k] for k in inner
+                             if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
+                       + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
+                       for op in grad_ops)
+    # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
+    # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
+    # slices' full-size grads and their sum (3 x the storage) are alive together, beside the other
+    # n - 2 slices' grads (and the residual's grad, below), before the grad op below it (in_proj) runs
+    # and before the call's input grad exists (measured on the CPU: 3 x 13824 + 4608 B, and the
+    # residual's 4608 B, for B=8, L=6, E=24; emulated, B=14, L=1, E=28 with dropout)
+    split = {}
+    for k in inner:
+        n = len(life.slices.get(k, ()))
+        if n >= 2:
+            below = [op for op in grad_ops if op <= life.first[k]]
+            if below:
+                size = life.storage[k]
+                split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 2)
+    grad_split = tuple(split[op] + residual if op in split else () for op in grad_ops)
+    op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
+    return {"grads": grads, "grad_ops": grad_ops, "grad_inner": grad_inner, "grad_split": grad_split,
+            "op_peaks": op_peaks}
 
 
 def _input_copies(c: _Call, trace: _Trace, skip: set[int]) -> set[int]:
