@@ -46,6 +46,10 @@ class _Leaf:
     #: inner grads held across it, the residual's or the call output's grad)
     op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
     scratch: tuple[int, ...] = ()  #: backward: buffers its kernels allocate and free (CUDA attention's scratch)
+    #: backward, a call chaining ops on what it made itself (cross-entropy under autocast: cast to fp32,
+    #: log_softmax, nll_loss): the most bytes one op's backward holds, its output's grad beside the input grads
+    #: it makes (log_softmax: two fp32 logits-sized grads, where the one-inner-grad model saw one)
+    chain_raw: tuple[int, ...] = ()
 
 
 def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]],
@@ -108,6 +112,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
                             inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
+                            chain_raw=_chain_peak(c, trace, skip),
                             later_saved=later,
                             **(_loss_transients(c, trace, life, saves,
                                                 skip | {_storage_key(t) for t in outs} | saved_ever)
@@ -204,6 +209,25 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
         # a CUDA attention kernel's backward allocates its scratch beside the grads it makes
         peaks.append((op, tuple(out_grads + made + held) + tail + trace.scratch.get(op, ())))
     return tuple(peaks)
+
+
+def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:
+    """Per op of call ``c``, bytes of its differentiable outputs' grads and of the input grads its backward makes
+    (parameters, whose grads are counted as grads, and the batch left out): those of the op holding the most.
+    Only for calls without a module (the loss, a parent's own ops): a module's call is modelled per op apart."""
+    if c.module is not None:
+        return ()
+    best: tuple[int, ...] = ()
+    for _, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
+        sizes: dict[int, int] = {}
+        for _, t, kind in group:
+            k = _storage_key(t)
+            if k in skip or not t.requires_grad or (kind != GRAD_IN and kind != OUT):
+                continue
+            sizes[k] = max(sizes.get(k, 0), _nbytes(t))
+        if sum(sizes.values()) > sum(best):
+            best = tuple(sizes.values())
+    return best
 
 
 def _scratch_elsewhere(c: _Call, trace: _Trace, op_peaks: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[int, ...]:

@@ -210,6 +210,8 @@ class StepReplay:
             inner = (T, leaf.inner_raw, rnd(leaf.inner_raw))
             live.observe([(T, leaf.out_raw, rnd(leaf.out_raw)), inner] + held[1:])
             live.observe([inner] + held)
+            if leaf.chain_raw:
+                live.observe([(T, g, rnd(g)) for g in leaf.chain_raw] + held[1:])
         threshold = f.leaves[i - 1].position if i > 0 else float("-inf")
         if leaf.cast_raw:
             # autocast: the kernels make grads of the low-precision weight copies; the call's saves and
