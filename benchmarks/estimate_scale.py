@@ -2,7 +2,8 @@
 LoRA (peft), with and without gradient checkpointing. Prints wall time (targets: < 1 s for 8B, < 3 s for 70B),
 host memory (tracemalloc peak, ru_maxrss growth) and the estimate's peak and split.
 
-The time is one estimate run without tracemalloc (which slows Python code several-fold); the host memory comes
+The time is one estimate run without tracemalloc (which slows Python code several-fold), as wall time and as this
+process's CPU time (on a shared machine the wall time also counts other processes' turns); the host memory comes
 from a second run of the same estimate under tracemalloc (``--skip-memory`` leaves it out).
 
 The models are built under ``torch.device("meta")`` (never materialised) from configs with
@@ -78,7 +79,7 @@ def main() -> None:
     _warm_up()
     print(f"first estimate in this process (a 2-layer config, imports and dispatch caches): "
           f"{time.perf_counter() - t0:.2f} s")
-    print(f"{'config':40}{'build s':>9}{'estimate s':>11}{'tracemalloc':>13}{'rss +':>10}{'peak':>12}"
+    print(f"{'config':40}{'build s':>9}{'estimate s':>11}{'cpu s':>8}{'tracemalloc':>13}{'rss +':>10}{'peak':>12}"
           f"{'params':>12}{'optimizer':>12}{'activations':>13}")
     for name in CONFIGS:
         for lora in (False, True):
@@ -99,9 +100,9 @@ def main() -> None:
                                                           device="meta")
                 gc.collect()
                 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 est = estimate_step(model, opt, batch, loss_fn=lambda out, _t: out.loss, device="cuda", steps=1)
-                took = time.perf_counter() - t0
+                took, cpu = time.perf_counter() - t0, time.process_time() - c0
                 rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
                 traced = "-"
                 if not args.skip_memory:
@@ -110,7 +111,7 @@ def main() -> None:
                     estimate_step(model, opt, batch, loss_fn=lambda out, _t: out.loss, device="cuda", steps=1)
                     traced = format_bytes(tracemalloc.get_traced_memory()[1])
                     tracemalloc.stop()
-                print(f"{label:40}{built:>9.2f}{took:>11.2f}{traced:>13}{format_bytes(rss):>10}"
+                print(f"{label:40}{built:>9.2f}{took:>11.2f}{cpu:>8.2f}{traced:>13}{format_bytes(rss):>10}"
                       f"{format_bytes(est.peak):>12}{format_bytes(est.params):>12}{format_bytes(est.optimizer):>12}"
                       f"{format_bytes(est.category_peak(Category.ACTIVATIONS)):>13}", flush=True)
                 del model, opt, est

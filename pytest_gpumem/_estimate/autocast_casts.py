@@ -41,13 +41,16 @@ def cuda_autocast_without_gpu() -> Iterator[None]:
     if torch.cuda.is_available():
         yield
         return
-    owner, name = _compat.amp_availability_patch_target()
-    original = getattr(owner, name)
-    setattr(owner, name, lambda *args, **kwargs: False)
+    # it checks availability, then bf16 support (the target GPU, sm90, has it)
+    targets = [(*_compat.amp_availability_patch_target(), False), (torch.cuda, "is_bf16_supported", True)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+    for owner, name, answer in targets:
+        setattr(owner, name, lambda *args, _answer=answer, **kwargs: _answer)
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 def _eligible(t: Any) -> bool:
