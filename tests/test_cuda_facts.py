@@ -52,3 +52,33 @@ def test_autocast_lists_are_the_emulations():
     assert "linear" in autocast_facts.LOWER and "layer_norm" in autocast_facts.FP32
     assert not autocast_facts.LOWER & autocast_facts.FP32
     assert emulated._POLICY[F.linear] == "lower" and emulated._POLICY[F.layer_norm] == "fp32"
+
+
+def test_estimate_casts_a_models_own_cuda_autocast_region_as_a_gpu_would():
+    """The estimate's trace casts by _cuda_facts' autocast lists itself (real autocast ignores meta tensors): a
+    forward that enters torch.autocast("cuda", bf16) on its own is estimated like autocast_dtype=bf16, and the
+    emulated backend (its own code, the same table) measures the same activations."""
+    from pytest_gpumem._core.categories import Category
+    from pytest_gpumem._measure.step import measure_step
+
+    class Own(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net(x).float()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    x = torch.randn(64, 256)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    full = estimate_step(net, sgd(net), x, device="cuda")
+    given = estimate_step(net, sgd(net), x, device="cuda", autocast_dtype=torch.bfloat16)
+    own = estimate_step(Own(net), sgd(net), x, device="cuda")
+    act = Category.ACTIVATIONS
+    assert own.category_peak(act) == given.category_peak(act) < full.category_peak(act)
+    assert not any("estimated in full precision" in n for n in own.notes)
+    rep = measure_step(Own(net), sgd(net), x, backend="emulated")
+    assert rep.category_peak(act) == own.category_peak(act)

@@ -486,18 +486,10 @@ TRANSFORMER_CASES = [
 ]
 
 
-# The emulated backend now allocates each attention kernel's backward scratch (_cuda_facts/attention.py); the
-# estimate does not count it yet. In the 8x1 case the memory-efficient kernel's `delta` (1 x 1 x 1 fp32 = 4 B,
-# one 512-B block) is live at the backward peak: measured 22.50 KiB, estimated 22.00 KiB. Strict, so it turns
-# into a failure once the estimate reads backward_scratch from the table.
-_SCRATCH_NOT_ESTIMATED = pytest.mark.xfail(strict=True, reason="the estimate does not count the attention "
-                                           "kernel's backward scratch (memory-efficient delta: one 512-B block)")
-
-
 def _transformer_case(case):
-    config, _, _, backend, _ = case
-    marks = _SCRATCH_NOT_ESTIMATED if backend == "emulated" and (config.d_model, config.seq_len) == (8, 1) else ()
-    return pytest.param(*case, marks=marks)
+    # the 8x1 emulated case: the memory-efficient kernel's backward `delta` (1 x 1 x 1 fp32 = 4 B, one 512-B
+    # block) is live at the backward peak on both sides (22.50 KiB), read from _cuda_facts by each
+    return pytest.param(*case)
 
 
 @pytest.mark.parametrize(("config", "batch_size", "opt_name", "backend", "rtol"),

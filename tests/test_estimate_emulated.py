@@ -1,7 +1,8 @@
 """estimate_step(device="cuda") against measure_step(backend="emulated"): the two CUDA predictions agree.
 
-Both trace under emulation.cuda_semantics (bool dropout masks, flash/efficient attention, foreach optimizers),
-so a disagreement is in the estimate's peak model, not in what is saved.
+Both follow the one table of CUDA kernel facts (_cuda_facts: bool dropout masks, the attention kernel sm90 picks,
+autocast's lists, foreach optimizers), each through its own code: the emulated backend substitutes kernels on
+meta tensors, the estimate's trace runs its own KernelMode. A disagreement is in one of the two, not in the table.
 """
 from __future__ import annotations
 

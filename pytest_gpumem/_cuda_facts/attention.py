@@ -1,7 +1,7 @@
 """Facts about CUDA's scaled_dot_product_attention kernels: which one runs, what it saves, what backward allocates.
 
-Data and pure functions only (shapes and dtypes in, facts out), so the emulated backend and the estimate read
-the same table. Sources, read for torch 2.11 (the GPU machine's release; cuDNN 9.19 in its cu130 wheels):
+Data and pure functions only (shapes and dtypes in, facts out; the mask helpers build the tensor the kernel is
+given), so the emulated backend and the estimate read the same table. Sources, read for torch 2.11 (the GPU machine's release; cuDNN 9.19 in its cu130 wheels):
 ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`` (kernel choice), ``flash_attn/flash_api.cpp``
 (``mha_fwd`` / ``mha_bwd``), ``mem_eff_attention`` (xformers' ``kernel_backward.h``) and cudnn-frontend's SDPA
 backward node (its workspace). Unverified on a GPU so far: the cuDNN backend engine's own workspace beyond the
@@ -10,8 +10,12 @@ frontend's (not modelled), and the memory-efficient backward's workspace (its gr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from .._compat import TORCH_VERSION
 
 FLASH, CUDNN, EFFICIENT, MATH = "flash", "cudnn", "efficient", "math"
 KERNEL_NAMES = {FLASH: "flash attention", CUDNN: "cuDNN attention", EFFICIENT: "memory-efficient attention",
@@ -56,6 +60,10 @@ class GpuProfile:
     def prefers_cudnn(self) -> bool:
         """sdp_utils.cpp check_prefer_cudnn_attention: sm90/sm10x, torch >= 2.9, cuDNN > 9.15."""
         return self.torch >= (2, 9) and self.sm[0] in (9, 10) and self.cudnn > 91500
+
+
+#: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN
+TARGET = GpuProfile(sm=(9, 0), torch=TORCH_VERSION)
 
 
 @dataclass(frozen=True)
@@ -230,3 +238,40 @@ def backward_scratch(call: AttentionCall, kernel: str, enabled: Enabled = Enable
             scratch.append(Buffer("grad_q_accum", (b, h, lq, d), torch.float32))
         return scratch
     return []
+
+
+def describe_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float,
+                  is_causal: bool, enable_gqa: bool) -> AttentionCall:
+    """What the kernel choice sees of one call (3-d and other unusual inputs are described as such)."""
+    four = q.dim() == k.dim() == v.dim() == 4
+    return AttentionCall(
+        batch=q.size(0) if four else 0, q_heads=q.size(1) if four else 0, kv_heads=k.size(1) if four else 0,
+        q_len=q.size(-2), kv_len=k.size(-2), qk_dim=q.size(-1), v_dim=v.size(-1), dtype=q.dtype,
+        dims=q.dim() if q.dim() == k.dim() == v.dim() else -1, same_dtype=q.dtype == k.dtype == v.dtype,
+        has_mask=mask is not None, dropout=float(dropout_p), is_causal=bool(is_causal),
+        enable_gqa=bool(enable_gqa), requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        last_dim_contiguous=all(t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
+
+
+def efficient_bias(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The memory-efficient kernel's bias (sdp_utils preprocess_mask): a bool mask becomes an additive one of the
+    query's dtype, its last dim padded to a multiple of 16 and sliced back, expanded to (B, H, Lq, Lk)."""
+    if mask is None:
+        return None
+    if mask.dtype is torch.bool:
+        mask = _additive(mask, q.dtype)
+    last = mask.size(-1)
+    if last % 16:
+        mask = F.pad(mask, (0, 16 - last % 16))[..., :last]
+    return mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+
+
+def cudnn_bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The cuDNN kernel's bias: a bool mask becomes an additive one of the query's dtype (not padded)."""
+    if mask is None or mask.dtype is not torch.bool:
+        return mask
+    return _additive(mask, q.dtype)

@@ -7,13 +7,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .._compat import (TORCH_VERSION, cuda_cudnn_attention, cuda_efficient_attention, cuda_flash_attention,
+from .._compat import (cuda_cudnn_attention, cuda_efficient_attention, cuda_flash_attention,
                        sdp_backends_enabled)
 from .._cuda_facts import attention as facts
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
-#: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN
-PROFILE = facts.GpuProfile(sm=(9, 0), torch=TORCH_VERSION)
+PROFILE = facts.TARGET
 #: one line per distinct call seen since the last take_notes(): which kernel was assumed, and why
 _NOTES: dict[str, None] = {}
 
@@ -23,38 +22,6 @@ def take_notes() -> list[str]:
     notes = list(_NOTES)
     _NOTES.clear()
     return notes
-
-
-def describe_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout_p: float,
-                  is_causal: bool, enable_gqa: bool) -> facts.AttentionCall:
-    """The facts table's view of one call (3-d and other unusual inputs are described as such)."""
-    four = q.dim() == k.dim() == v.dim() == 4
-    return facts.AttentionCall(
-        batch=q.size(0) if four else 0, q_heads=q.size(1) if four else 0, kv_heads=k.size(1) if four else 0,
-        q_len=q.size(-2), kv_len=k.size(-2), qk_dim=q.size(-1), v_dim=v.size(-1), dtype=q.dtype,
-        dims=q.dim() if q.dim() == k.dim() == v.dim() else -1, same_dtype=q.dtype == k.dtype == v.dtype,
-        has_mask=mask is not None, dropout=float(dropout_p), is_causal=bool(is_causal),
-        enable_gqa=bool(enable_gqa), requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        last_dim_contiguous=all(t.stride(-1) == 1 for t in (q, k, v)))
-
-
-def _attention_bias(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """CUDA's preprocess_mask: bool -> additive float mask, last dim padded to 16, expanded to (B, H, L, S)."""
-    if mask is None:
-        return None
-    if mask.dtype is torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
-    last = mask.size(-1)
-    if last % 16:
-        mask = F.pad(mask, (0, 16 - last % 16))[..., :last]
-    return mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
-
-
-def _cudnn_bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """The cuDNN path's mask: a bool mask becomes an additive one of the query's dtype (not padded)."""
-    if mask is None or mask.dtype is not torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
 
 
 def _hold_scratch(out: torch.Tensor, scratch: list[facts.Buffer]) -> None:
@@ -82,17 +49,17 @@ def _cuda_attention(func: Callable, args: tuple, kwargs: dict, proceed: Proceed)
     scale, enable_gqa = kwargs.get("scale"), bool(kwargs.get("enable_gqa", False))
     if not all(map(_on_meta, (q, k, v))) or len(args) > 6:
         return proceed(args, kwargs)
-    call = describe_call(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    call = facts.describe_call(q, k, v, mask, dropout_p, is_causal, enable_gqa)
     enabled = facts.Enabled(**sdp_backends_enabled(), deterministic=torch.are_deterministic_algorithms_enabled())
     choice = facts.choose(call, PROFILE, enabled)
     _NOTES.setdefault(choice.describe(call))
     if choice.kernel == facts.FLASH:
         out = cuda_flash_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     elif choice.kernel == facts.CUDNN:
-        out = cuda_cudnn_attention(q, k, v, _cudnn_bias(mask, q), compute_log_sumexp=call.requires_grad,
+        out = cuda_cudnn_attention(q, k, v, facts.cudnn_bias(mask, q), compute_log_sumexp=call.requires_grad,
                                    dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     elif choice.kernel == facts.EFFICIENT:
-        out = cuda_efficient_attention(q, k, v, _attention_bias(mask, q, k), compute_log_sumexp=call.requires_grad,
+        out = cuda_efficient_attention(q, k, v, facts.efficient_bias(mask, q, k), compute_log_sumexp=call.requires_grad,
                                        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
         return proceed(args, kwargs)  # the composite math path, as CUDA runs it (k/v expanded for GQA)

@@ -1,7 +1,6 @@
 """torch.autocast('cuda') on meta tensors: CUDA's op lists, casts and its weight-cast cache."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -41,7 +40,7 @@ for _policy, _names in (("lower", _LOWER), ("fp32", _FP32), ("fp32_dtype", _FP32
 
 def _eligible(t: Any) -> bool:
     """CUDA autocast's is_eligible, for meta tensors: floating point and not float64."""
-    return _on_meta(t) and t.is_floating_point() and t.dtype is not torch.float64
+    return _on_meta(t) and facts.eligible(t.dtype)
 
 
 class _WeightCache:
@@ -51,8 +50,8 @@ class _WeightCache:
         self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(leaf) -> (leaf, copy)
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        cacheable = (torch.is_autocast_cache_enabled() and dtype == torch.get_autocast_dtype("cuda")
-                     and t.dtype is torch.float32 and t.requires_grad and t.is_leaf and not _compat.is_view(t))
+        cacheable = facts.weight_cast_cached(dtype, torch.get_autocast_dtype("cuda"), t.dtype, t.requires_grad,
+                                             t.is_leaf, _compat.is_view(t), torch.is_autocast_cache_enabled())
         if not cacheable:
             return t.to(dtype)
         hit = self.copies.get(id(t))
@@ -93,12 +92,8 @@ def _autocast(func: Callable, args: tuple, kwargs: dict, proceed: Proceed) -> An
         if explicit or not _eligible(first):
             return proceed(args, kwargs)
         return proceed(args, {**kwargs, "dtype": torch.float32})
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype("cuda")
-    elif policy == "fp32":
-        dtype = torch.float32
-    else:  # promote: the widest floating type among eligible inputs
-        dtype = functools.reduce(torch.promote_types, (t.dtype for t in _tensors(args, kwargs) if _eligible(t)))
+    dtype = facts.cast_to(policy, torch.get_autocast_dtype("cuda"),
+                          [t.dtype for t in _tensors(args, kwargs) if _eligible(t)])
     return proceed(_cast_all(args, dtype), {k: _cast_all(v, dtype) for k, v in kwargs.items()})
 
 

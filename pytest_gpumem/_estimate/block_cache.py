@@ -21,7 +21,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 from .._core.tensors import tensors_in as _tensors_in
-from .._compat import TorchDispatchMode, forward_hook_counts, storage_key, tree_flatten, tree_map, tree_unflatten
+from .._compat import (MODULE_CHILDREN_DICT, MODULE_TENSOR_DICTS, TorchDispatchMode, forward_hook_counts, storage_key,
+                       tree_flatten, tree_map, tree_unflatten)
 
 META = torch.device("meta")
 
@@ -36,6 +37,7 @@ class BlockTracer(Protocol):
     uses: list[tuple[int, torch.Tensor, int]]  #: (op, tensor, how it was used)
     ops: int                              #: ops run so far
     passthrough: set[int]                 #: ops whose backward hands the grad on unchanged
+    scratch: dict[int, tuple[int, ...]]   #: op -> bytes its backward allocates and frees (attention scratch)
     paused: bool                          #: set while a replay makes its own tensors
 
     def new_call(self, **fields: Any) -> Any: ...
@@ -55,27 +57,54 @@ def _key(t: torch.Tensor) -> int:
     return storage_key(t)
 
 
-def _value_signature(v: Any) -> Any:
-    """Primitives (and tuples of them) by value, anything else by identity (shared objects stay shared)."""
+def _value_signature(v: Any, depth: int = 0, path: str = "") -> Any:
+    """Primitives and plain containers of them by value, anything else by identity (shared objects stay shared).
+
+    Containers (tuple, list, dict with primitive keys, set) are compared by value a few levels deep: peft's LoRA
+    layers hold ``lora_alpha = {"default": 16}`` and empty cache dicts, each layer its own, equal in value. A
+    string naming the module's own place (``path``, the module's dotted path, or a tail of it: peft keeps
+    ``kwargs["target_name"] = "model.layers.0.self_attn.q_proj"``) says where it sits, not what it computes."""
+    if isinstance(v, str) and path and "." in v and (path == v or path.endswith("." + v)):
+        return ("own path",)
     if isinstance(v, _PRIMITIVES):
         return v
-    if isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v):
-        return (type(v).__name__, tuple(v))
+    if depth < 4:
+        if type(v) in (tuple, list):
+            return (type(v).__name__, tuple(_value_signature(x, depth + 1, path) for x in v))
+        if type(v) is dict and all(isinstance(k, _PRIMITIVES) for k in v):
+            return ("dict", tuple((k, _value_signature(x, depth + 1, path)) for k, x in v.items()))
+        if type(v) in (set, frozenset) and all(isinstance(x, _PRIMITIVES) for x in v):
+            return (type(v).__name__, frozenset(v))
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), tuple(v.shape), v.dtype, v.requires_grad)
     return ("object", id(v))
 
 
-def module_signature(module: nn.Module) -> tuple:
-    """What a module's forward can depend on besides its inputs: per submodule, class, attributes, tensors."""
-    parts = []
-    for name, sub in module.named_modules(remove_duplicate=False):
-        attrs = tuple(sorted((k, _value_signature(v)) for k, v in vars(sub).items()
+class ModuleSignatures:
+    """What a module's forward can depend on besides its inputs (class, attributes, tensors, and its submodules'
+    the same way), as a small int: equal for modules whose whole trees match. Memoised bottom-up, so signing
+    every module of a model costs one visit per module (peft's LoRA layers nest five deep)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._ids: dict[tuple, int] = {}
+        self._of: dict[int, int] = {}  #: id(module) -> its signature
+        self._paths = {id(m): name for name, m in model.named_modules()}
+
+    def __call__(self, module: nn.Module) -> int:
+        found = self._of.get(id(module))
+        if found is None:
+            found = self._of[id(module)] = self._ids.setdefault(self._parts(module), len(self._ids))
+        return found
+
+    def _parts(self, module: nn.Module) -> tuple:
+        path = self._paths.get(id(module), "")
+        attrs = tuple(sorted((k, _value_signature(v, 0, path)) for k, v in vars(module).items()
                              if k not in _MODULE_INTERNALS and k not in _POSITION_ONLY and k != "forward"))
-        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in sub.named_parameters(recurse=False))
-        buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in sub.named_buffers(recurse=False))
-        parts.append((name, type(sub), attrs, params, buffers))
-    return tuple(parts)
+        params, buffers = (getattr(module, name) for name in MODULE_TENSOR_DICTS)
+        return (type(module), attrs,
+                tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in params.items() if p is not None),
+                tuple((n, tuple(b.shape), b.dtype) for n, b in buffers.items() if b is not None),
+                tuple((n, self(c)) for n, c in getattr(module, MODULE_CHILDREN_DICT).items() if c is not None))
 
 
 def _call_signature(args: tuple, kwargs: dict) -> tuple[tuple, list[Any]]:
@@ -149,6 +178,7 @@ class Template:
     first_op: int = 0                       #: the tracer's op counter when the block began
     n_ops: int = 0                          #: ops the block ran
     passthrough: frozenset = frozenset()    #: ops (from first_op) whose backward passes the grad on as is
+    scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)  #: op (from first_op) -> backward scratch
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
 
@@ -179,16 +209,17 @@ class BlockCache:
         self.records = 0
         self._undo: list[Callable[[], None]] = []
         signatures = {}
+        sign = ModuleSignatures(model)
         for m in model.modules():
             if m is model or not any(True for _ in m.children()):
                 continue
             if max(forward_hook_counts(m)) > 1:
                 continue  # a user's hook would be skipped by a replay
-            signatures[m] = module_signature(m)
-        counts: dict[tuple, int] = {}
+            signatures[m] = sign(m)
+        counts: dict[int, int] = {}
         for sig in signatures.values():
             counts[sig] = counts.get(sig, 0) + 1
-        self._module_sig: dict[int, tuple] = {}
+        self._module_sig: dict[int, int] = {}
         for m, sig in signatures.items():
             if counts[sig] > 1:
                 self._module_sig[id(m)] = sig
@@ -236,6 +267,7 @@ class BlockCache:
         template = self._record(module, leaves, output, first_call, first_save, seen.created, uses)
         template.first_op, template.n_ops = first_op, tr.ops - first_op
         template.passthrough = frozenset(op - first_op for op in tr.passthrough if op >= first_op)
+        template.scratch = {op - first_op: n for op, n in tr.scratch.items() if op >= first_op}
         self.templates[key] = template
         return output
 
@@ -304,65 +336,31 @@ class BlockCache:
 
     def _replay_paused(self, t: Template, module: nn.Module, leaves: list[Any], block_index: int, block: Any) -> Any:
         tr = self.tracer
-        by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
-                                       module.named_buffers(remove_duplicate=False)))
-        bases: list[torch.Tensor] = []
-        for kind, value in t.slots:
-            if kind == "arg":
-                bases.append(leaves[value])
-            elif kind == "param":
-                bases.append(by_name[value])
-            elif kind == "fixed":
-                bases.append(value)
-            else:
-                bases.append(torch.empty(value, dtype=torch.uint8, device=META))
-        made: dict[int, torch.Tensor] = {}
+        rebuilt = _Rebuilt(t, module, leaves)
+        output = rebuilt.outputs()
+        make = rebuilt.make
+        shift_call, shift_op = block_index - t.first_call, tr.ops - t.first_op
+        self._replay_calls(t, module, block, make, shift_call, len(tr.order) - t.first_save, shift_op)
+        tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
+        tr.save_ops.extend(op + shift_op for op in t.save_ops)
+        tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
+        tr.passthrough.update(op + tr.ops for op in t.passthrough)
+        tr.scratch.update({op + tr.ops: n for op, n in t.scratch.items()})
+        tr.ops += t.n_ops
+        block.saved.extend(make(x) for x in t.saved)
+        block.children = t.children
+        return output
 
-        def make(x: Any) -> Any:
-            if not isinstance(x, torch.Tensor):
-                return x
-            new = made.get(id(x))
-            if new is None:
-                d = t.descs[id(x)]
-                new = bases[d.slot]
-                if not d.exact:
-                    with torch.no_grad():
-                        new = torch.empty(0, dtype=d.dtype, device=META).set_(
-                            new.untyped_storage(), d.offset, d.size, d.stride)
-                    if d.requires_grad:
-                        new.requires_grad_()
-                made[id(x)] = new
-            return new
-
-        # outputs first: the ones that require grad come out of an autograd node, as real outputs do
-        out_leaves, spec = tree_flatten(t.output)
-        fresh = [x for x in out_leaves if isinstance(x, torch.Tensor) and x.requires_grad
-                 and not t.descs[id(x)].exact]
-        if fresh:
-            plain = [dict(vars(t.descs[id(x)])) for x in fresh]
-
-            def build() -> tuple[torch.Tensor, ...]:
-                outs = []
-                for d in plain:
-                    base = bases[d["slot"]]
-                    outs.append(torch.empty(0, dtype=d["dtype"], device=META).set_(
-                        base.untyped_storage(), d["offset"], d["size"], d["stride"]))
-                return tuple(outs)
-
-            anchor = torch.empty(0, device=META, requires_grad=True)
-            for x, new in zip(fresh, _Outputs.apply(anchor, build)):
-                made[id(x)] = new
-        output = tree_unflatten([make(x) for x in out_leaves], spec)
-
+    def _replay_calls(self, t: Template, module: nn.Module, block: Any, make: Callable[[Any], Any],
+                      shift_call: int, shift_save: int, shift_op: int) -> None:
+        """The template's nested call records, renumbered for this replay and holding the rebuilt tensors."""
+        tr = self.tracer
         # each checkpoint region of the template is, in this replay, a region of its own (the checkpoint may wrap
         # the block's forward, outside this replay, as transformers' GradientCheckpointingLayer does)
         regions: dict[int, int] = {}
-        shift_call = block_index - t.first_call
-        shift_save = len(tr.order) - t.first_save
-        shift_op = tr.ops - t.first_op
         modules = dict(module.named_modules(remove_duplicate=False))
         for c in t.calls:
-            new = tr.new_call(
+            tr.calls.append(tr.new_call(
                 index=c.index + shift_call,
                 name=block.name + c.name[len(t.name):] if c.name.startswith(t.name) else c.name,
                 module=modules.get(t.paths.get(id(c.module), ""), None) if c.module is not None else None,
@@ -379,13 +377,65 @@ class BlockCache:
                 op_start=c.op_start + shift_op,
                 op_end=c.op_end + shift_op,
                 region=regions.setdefault(c.region, tr.new_region()) if c.region is not None else None,
-            )
-            tr.calls.append(new)
-        tr.order.extend((i + shift_call, make(x)) for i, x in t.order)
-        tr.save_ops.extend(op + shift_op for op in t.save_ops)
-        tr.uses.extend((op + shift_op, make(x), kind) for op, x, kind in t.uses)
-        tr.passthrough.update(op + tr.ops for op in t.passthrough)
-        tr.ops += t.n_ops
-        block.saved.extend(make(x) for x in t.saved)
-        block.children = t.children
-        return output
+            ))
+
+
+class _Rebuilt:
+    """A template's tensors made anew for one replay: each slot's storage (the call's arguments, the module's own
+    parameters, fixed tensors, fresh storages), and views of them as the template describes."""
+
+    def __init__(self, t: Template, module: nn.Module, leaves: list[Any]) -> None:
+        self.t = t
+        by_name = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
+                                       module.named_buffers(remove_duplicate=False)))
+        self.bases: list[torch.Tensor] = []
+        for kind, value in t.slots:
+            if kind == "arg":
+                self.bases.append(leaves[value])
+            elif kind == "param":
+                self.bases.append(by_name[value])
+            elif kind == "fixed":
+                self.bases.append(value)
+            else:
+                self.bases.append(torch.empty(value, dtype=torch.uint8, device=META))
+        self.made: dict[int, torch.Tensor] = {}
+
+    def make(self, x: Any) -> Any:
+        """The replay's tensor for template tensor ``x`` (anything else as it is)."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        new = self.made.get(id(x))
+        if new is None:
+            d = self.t.descs[id(x)]
+            new = self.bases[d.slot]
+            if not d.exact:
+                with torch.no_grad():
+                    new = torch.empty(0, dtype=d.dtype, device=META).set_(
+                        new.untyped_storage(), d.offset, d.size, d.stride)
+                if d.requires_grad:
+                    new.requires_grad_()
+            self.made[id(x)] = new
+        return new
+
+    def outputs(self) -> Any:
+        """The block's output, rebuilt first: the tensors that require grad come out of an autograd node, as real
+        outputs do."""
+        t, bases = self.t, self.bases
+        out_leaves, spec = tree_flatten(t.output)
+        fresh = [x for x in out_leaves if isinstance(x, torch.Tensor) and x.requires_grad
+                 and not t.descs[id(x)].exact]
+        if fresh:
+            plain = [dict(vars(t.descs[id(x)])) for x in fresh]
+
+            def build() -> tuple[torch.Tensor, ...]:
+                outs = []
+                for d in plain:
+                    base = bases[d["slot"]]
+                    outs.append(torch.empty(0, dtype=d["dtype"], device=META).set_(
+                        base.untyped_storage(), d["offset"], d["size"], d["stride"]))
+                return tuple(outs)
+
+            anchor = torch.empty(0, device=META, requires_grad=True)
+            for x, new in zip(fresh, _Outputs.apply(anchor, build)):
+                self.made[id(x)] = new
+        return tree_unflatten([self.make(x) for x in out_leaves], spec)

@@ -45,6 +45,11 @@ class _Leaf:
     #: (op, the call's grads alive while that op's backward runs: its output grads, the input grads it makes,
     #: inner grads held across it, the residual's or the call output's grad)
     op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    scratch: tuple[int, ...] = ()  #: backward: buffers its kernels allocate and free (CUDA attention's scratch)
+    #: backward, a call chaining ops on what it made itself (cross-entropy under autocast: cast to fp32,
+    #: log_softmax, nll_loss): the most bytes one op's backward holds, its output's grad beside the input grads
+    #: it makes (log_softmax: two fp32 logits-sized grads, where the one-inner-grad model saw one)
+    chain_raw: tuple[int, ...] = ()
 
 
 def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: dict[int, list[int]],
@@ -97,55 +102,66 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         own_casts = [cast for cast in life.casts if c.op_start <= cast[0] < c.op_end]
         in_live += tuple(b for _, _, k, b in own_casts if k not in saved_now)
         grads, grad_ops = tuple(grads_of.pop(c.index, ())), ()
-        grad_inner: tuple[tuple[int, ...], ...] = ()
-        grad_split: tuple[tuple[int, ...], ...] = ()
-        op_peaks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        traced: dict[str, Any] = {}
         if c.items is None and c.module is not None and grads and c.index not in accum_of:
-            grads, grad_ops = _grads_by_op(c, grads, life)
-            inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
-            # the output's grad goes once backward is past the op that made the output (out_proj)
-            out_op = life.first.get(out_key, c.op_end)
-            # an input used differentiably after the call (the residual of post-norm ``x + sa(x)``) has its grad
-            # from that later use held through the whole backward of the call: the add passes the output's grad
-            # on to it unchanged, so below out_op the output's grad is still alive as that input's grad, until the
-            # call's input grad is summed into it (measured on the CPU: B=3, L=1, E=8, the residual's 96 B beside
-            # in_proj's weight grad)
-            residual = tuple(life.grad[k] for k in dict.fromkeys(_storage_key(t) for t in c.inputs if t.requires_grad)
-                             if k not in skip and k != out_key and life.last_grad.get(k, -1) >= c.op_end)
-            # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
-            # that grad is the call's input grad, which in_raw counts
-            copies = _input_copies(c, trace, skip)
-            grad_inner = tuple(tuple(life.grad[k] for k in inner
-                                     if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
-                               + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
-                               for op in grad_ops)
-            # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
-            # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
-            # slices' full-size grads and their sum (3 x the storage) are alive together, beside the other
-            # n - 2 slices' grads (and the residual's grad, below), before the grad op below it (in_proj) runs
-            # and before the call's input grad exists (measured on the CPU: 3 x 13824 + 4608 B, and the
-            # residual's 4608 B, for B=8, L=6, E=24; emulated, B=14, L=1, E=28 with dropout)
-            split = {}
-            for k in inner:
-                n = len(life.slices.get(k, ()))
-                if n >= 2:
-                    below = [op for op in grad_ops if op <= life.first[k]]
-                    if below:
-                        size = life.storage[k]
-                        split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 2)
-            grad_split = tuple(split[op] + residual if op in split else () for op in grad_ops)
-            op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
+            traced = _traced_call_grads(c, grads, trace, life, skip, outs)
+            grads = traced.pop("grads")
+        op_peaks = traced.get("op_peaks", ())
         leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
-                            out_new, in_live, grads, grad_ops=grad_ops, grad_inner=grad_inner, grad_split=grad_split,
-                            op_peaks=op_peaks,
+                            out_new, in_live, grads, **traced, scratch=_scratch_elsewhere(c, trace, op_peaks),
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
                             inner_raw=life.inner_grad(c, skip | {_storage_key(t) for t in outs}),
+                            chain_raw=_chain_peak(c, trace, skip),
                             later_saved=later,
                             **(_loss_transients(c, trace, life, saves,
                                                 skip | {_storage_key(t) for t in outs} | saved_ever)
                                if c.module is None else {})))
     return leaves
+
+
+def _traced_call_grads(c: _Call, grads: tuple[int, ...], trace: _Trace, life: _Lifetimes, skip: set[int],
+                       outs: list[torch.Tensor]) -> dict[str, Any]:
+    """A traced call's backward op by op (nn.MultiheadAttention's functional body): its parameter grads placed at
+    their ops, the inner grads alive at each, slice-grad sums and op peaks (as _Leaf fields, with "grads")."""
+    out = outs[0]
+    out_key = _storage_key(out)
+    grads, grad_ops = _grads_by_op(c, grads, life)
+    inner = [k for k in life.made_in(c) if k not in skip and k not in {_storage_key(t) for t in outs}]
+    # the output's grad goes once backward is past the op that made the output (out_proj)
+    out_op = life.first.get(out_key, c.op_end)
+    # an input used differentiably after the call (the residual of post-norm ``x + sa(x)``) has its grad
+    # from that later use held through the whole backward of the call: the add passes the output's grad
+    # on to it unchanged, so below out_op the output's grad is still alive as that input's grad, until the
+    # call's input grad is summed into it (measured on the CPU: B=3, L=1, E=8, the residual's 96 B beside
+    # in_proj's weight grad)
+    residual = tuple(life.grad[k] for k in dict.fromkeys(_storage_key(t) for t in c.inputs if t.requires_grad)
+                     if k not in skip and k != out_key and life.last_grad.get(k, -1) >= c.op_end)
+    # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
+    # that grad is the call's input grad, which in_raw counts
+    copies = _input_copies(c, trace, skip)
+    grad_inner = tuple(tuple(life.grad[k] for k in inner
+                             if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
+                       + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
+                       for op in grad_ops)
+    # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
+    # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
+    # slices' full-size grads and their sum (3 x the storage) are alive together, beside the other
+    # n - 2 slices' grads (and the residual's grad, below), before the grad op below it (in_proj) runs
+    # and before the call's input grad exists (measured on the CPU: 3 x 13824 + 4608 B, and the
+    # residual's 4608 B, for B=8, L=6, E=24; emulated, B=14, L=1, E=28 with dropout)
+    split = {}
+    for k in inner:
+        n = len(life.slices.get(k, ()))
+        if n >= 2:
+            below = [op for op in grad_ops if op <= life.first[k]]
+            if below:
+                size = life.storage[k]
+                split[max(below)] = split.get(max(below), ()) + (size,) * 3 + (size // n,) * (n - 2)
+    grad_split = tuple(split[op] + residual if op in split else () for op in grad_ops)
+    op_peaks = _op_peaks(c, trace, life, inner, set(grad_ops), skip, out, out_op, residual)
+    return {"grads": grads, "grad_ops": grad_ops, "grad_inner": grad_inner, "grad_split": grad_split,
+            "op_peaks": op_peaks}
 
 
 def _input_copies(c: _Call, trace: _Trace, skip: set[int]) -> set[int]:
@@ -154,7 +170,7 @@ def _input_copies(c: _Call, trace: _Trace, skip: set[int]) -> set[int]:
     ins = {_storage_key(t): t.untyped_storage().nbytes() for t in c.inputs if t.requires_grad}
     ins = {k: n for k, n in ins.items() if k not in skip}
     copies: set[int] = set()
-    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+    for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
         group = list(group)
         read = {_storage_key(t) for _, t, kind in group if kind == GRAD_IN}
         made = {_storage_key(t): t.untyped_storage().nbytes() for _, t, kind in group if kind == OUT}
@@ -175,9 +191,8 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
     backend: B=1, L=1, E=8, the sdpa backward is the step's peak, two 512-B blocks over out_proj's grads)."""
     inner_set = set(inner)
     by_op: dict[int, list[tuple[torch.Tensor, int]]] = {}
-    for op, t, kind in trace.uses:
-        if c.op_start <= op < c.op_end:
-            by_op.setdefault(op, []).append((t, kind))
+    for op, t, kind in trace.uses_between(c.op_start, c.op_end):
+        by_op.setdefault(op, []).append((t, kind))
     out_key = _storage_key(out)
     peaks = []
     for op, used in sorted(by_op.items()):
@@ -191,8 +206,35 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
         out_grads = [life.grad[k] for k in outs if k in life.grad and k != out_key]
         held = [life.grad[k] for k in inner if k not in outs and life.first[k] < op < life.last_grad.get(k, -1)]
         tail = (_nbytes(out),) if out.requires_grad and op >= out_op else residual
-        peaks.append((op, tuple(out_grads + made + held) + tail))
+        # a CUDA attention kernel's backward allocates its scratch beside the grads it makes
+        peaks.append((op, tuple(out_grads + made + held) + tail + trace.scratch.get(op, ())))
     return tuple(peaks)
+
+
+def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:
+    """Per op of call ``c``, bytes of its differentiable outputs' grads and of the input grads its backward makes
+    (parameters, whose grads are counted as grads, and the batch left out): those of the op holding the most.
+    Only for calls without a module (the loss, a parent's own ops): a module's call is modelled per op apart."""
+    if c.module is not None:
+        return ()
+    best: tuple[int, ...] = ()
+    for _, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
+        sizes: dict[int, int] = {}
+        for _, t, kind in group:
+            k = _storage_key(t)
+            if k in skip or not t.requires_grad or (kind != GRAD_IN and kind != OUT):
+                continue
+            sizes[k] = max(sizes.get(k, 0), _nbytes(t))
+        if sum(sizes.values()) > sum(best):
+            best = tuple(sizes.values())
+    return best
+
+
+def _scratch_elsewhere(c: _Call, trace: _Trace, op_peaks: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[int, ...]:
+    """Backward scratch of the ops of call ``c`` that no op peak of it holds (the call's backward holds it)."""
+    placed = {op for op, _ in op_peaks}
+    return tuple(b for op, sizes in sorted(trace.scratch.items())
+                 if c.op_start <= op < c.op_end and op not in placed for b in sizes)
 
 
 def _grads_by_op(c: _Call, grads: tuple[int, ...], life: "_Lifetimes") -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -213,7 +255,7 @@ def _loss_transients(c: _Call, trace: _Trace, life: "_Lifetimes", saves: list[_S
     those storages alive there that nobody saves (``skip`` holds the saved ones, its output, parameters and
     batch), and the call's own saves not yet made at that op (as _Leaf fields)."""
     from_params = set(trace.param_keys)
-    for op, group in itertools.groupby((u for u in trace.uses if c.op_start <= u[0] < c.op_end), key=lambda u: u[0]):
+    for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
         group = list(group)
         if any(kind != OUT and _storage_key(t) in from_params for _, t, kind in group):
             from_params.update(_storage_key(t) for _, t, kind in group if kind == OUT)

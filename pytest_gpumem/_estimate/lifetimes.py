@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 
 import torch
 
@@ -60,8 +61,24 @@ class _Lifetimes:
         self._by_first = sorted(self.first, key=self.first.__getitem__)
         self._firsts = [self.first[k] for k in self._by_first]
 
-    def _before(self, c: _Call) -> list[int]:
-        return self._by_first[:bisect.bisect_left(self._firsts, c.op_start)]
+    def _sweep(self, c: _Call, ends: dict[int, int], name: str, margin: int) -> list[int]:
+        """Storages made before ``c`` with ``ends[k] >= c.op_end - margin``, in the order they were made.
+
+        Called for calls in forward order (leaf calls do not nest, so op_start and op_end grow) it sweeps: a
+        storage that ends before one call's end ends before every later call's too and is dropped for good,
+        so the whole pass costs O(storages log storages), not O(calls x storages). Out of order it scans."""
+        state = self.__dict__.setdefault("_sweeps", {}).get(name)
+        if state is None or c.op_start < state[2] or c.op_end < state[3]:
+            state = self._sweeps[name] = [[], 0, c.op_start, c.op_end]  # heap of (end, rank, key), next rank
+        heap = state[0]
+        limit = bisect.bisect_left(self._firsts, c.op_start)
+        for rank in range(state[1], limit):
+            k = self._by_first[rank]
+            heapq.heappush(heap, (ends.get(k, -1), rank, k))
+        state[1], state[2], state[3] = max(state[1], limit), c.op_start, c.op_end
+        while heap and heap[0][0] < c.op_end - margin:
+            heapq.heappop(heap)
+        return [k for _, _, k in sorted(heap, key=lambda e: e[1])]
 
     def made_in(self, c: _Call) -> list[int]:
         """Storages first made by an op of call ``c``."""
@@ -70,7 +87,7 @@ class _Lifetimes:
 
     def alive_through(self, c: _Call) -> list[int]:
         """Storages made before call ``c`` began that stay alive until its last op."""
-        return [k for k in self._before(c) if self.last[k] >= c.op_end - 1]
+        return self._sweep(c, self.last, "alive", 1)
 
     def inner_grad(self, c: _Call, skip: set[int]) -> int:
         """Bytes of the largest grad of a storage call ``c`` made and used differentiably itself: not one in
@@ -82,4 +99,4 @@ class _Lifetimes:
 
     def grad_through(self, c: _Call) -> list[int]:
         """Storages made before ``c`` and used differentiably after it: their grads exist during c's backward."""
-        return [k for k in self._before(c) if self.last_grad.get(k, -1) >= c.op_end]
+        return self._sweep(c, self.last_grad, "grad", 0)

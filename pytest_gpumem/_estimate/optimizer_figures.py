@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import optimizer_rules_factored  # noqa: F401  (registers Adafactor, SparseAdam)
+from . import optimizer_rule_lbfgs, optimizer_rules_factored  # noqa: F401  (register LBFGS, Adafactor, SparseAdam)
 from .optimizer_rules import is_foreach, rule_for, state_bytes_on
 from .storages import _nbytes
 
@@ -68,3 +68,16 @@ def _has_rule(optimizer, hooks) -> bool:
         return True
     return any(h.pytest_gpumem_optimizer_state_bytes.get_hookimpls() for h in hooks
                if hasattr(h.pytest_gpumem_optimizer_state_bytes, "get_hookimpls"))
+
+
+def _optimizer_program(optimizer, hooks) -> Any:
+    """step index -> the optimizer phase's events, where the optimizer's rule has a program (LBFGS) and no hook
+    answers its state; else None."""
+    rule = rule_for(optimizer) if optimizer is not None else None
+    if rule is None or rule.program is None or len(optimizer.param_groups) != 1:
+        return None
+    if any(h.pytest_gpumem_optimizer_state_bytes.get_hookimpls() for h in hooks
+           if hasattr(h.pytest_gpumem_optimizer_state_bytes, "get_hookimpls")):
+        return None
+    group = optimizer.param_groups[0]
+    return lambda step: rule.program(group, step)

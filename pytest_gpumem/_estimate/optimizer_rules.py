@@ -35,6 +35,7 @@ class StateTensor:
 StateFn = Callable[[Group, torch.Tensor], "tuple[StateTensor, ...]"]
 #: (group, per-parameter byte sizes (already rounded for the device), foreach) -> peak transient bytes
 TempFn = Callable[[Group, Sequence[int], bool], int]
+ProgramFn = Callable[[Group, int], "list[tuple]"]
 
 
 @dataclass(frozen=True)
@@ -44,20 +45,25 @@ class OptimizerRule:
     state: StateFn
     temporaries: TempFn
     eager: bool = False  #: state created in __init__ (present from setup), not on the first step()
+    #: (group, step index) -> the optimizer phase as events (see replay.StepReplay._run_program), for a step()
+    #: whose state changes from step to step and that re-evaluates a closure (LBFGS); ``state`` is then the
+    #: state after the first step and ``temporaries`` is not used
+    program: ProgramFn | None = None
 
 
 #: Rules keyed by optimizer class; looked up along the MRO so subclasses inherit their parent's rule.
 OPTIMIZER_RULES: dict[type, OptimizerRule] = {}
 
 
-def optimizer_rule(*types: type, temporaries: TempFn, eager: bool = False):
-    """Register the decorated state function (and ``temporaries``) for ``types``; duplicates are an error."""
+def optimizer_rule(*types: type, temporaries: TempFn, eager: bool = False, program: ProgramFn | None = None):
+    """Register the decorated state function (and ``temporaries``, ``program``) for ``types``; duplicates are an
+    error."""
 
     def register(fn: StateFn) -> StateFn:
         for t in types:
             if t in OPTIMIZER_RULES:
                 raise ValueError(f"an optimizer rule for {t.__name__} is already registered")
-            OPTIMIZER_RULES[t] = OptimizerRule(fn, temporaries, eager)
+            OPTIMIZER_RULES[t] = OptimizerRule(fn, temporaries, eager, program)
         return fn
 
     return register

@@ -13,7 +13,7 @@ from .._measure.allocator import round_allocation
 from .optimizer_rules import grad_scaler_tensors
 from .layer_table import _layer_table
 from .leaves import _leaves, _param_grads_by_call
-from .optimizer_figures import _foreign_params, _has_rule, _optimizer_figures, _scaler_enabled
+from .optimizer_figures import _foreign_params, _has_rule, _optimizer_figures, _optimizer_program, _scaler_enabled
 from .plugins import plugin_manager
 from .results import Estimate
 from .saves import _Save, _saves
@@ -103,6 +103,10 @@ def _step_figures(model: nn.Module, optimizer: Any, batch: Any, target: Any, tra
     sc = grad_scaler_tensors() if _scaler_enabled(scaler, device) else None
     if sc is not None:
         notes.append(f"GradScaler: its scale and growth tracker ({sum(sc.kept)} B) are counted as other")
+    program = _optimizer_program(optimizer, hooks)
+    if program is not None:
+        notes.append(f"{type(optimizer).__name__}.step() is replayed as its rule's program: every iteration that "
+                     "max_iter and max_eval allow runs; a run stopping early on its tolerances holds less")
     grads_of, accum_of = _param_grads_by_call(trace, covered, trace.twin)
     saved_keys = {s.key for s in saves if s.region is None}
     region_saves: dict[int, list[_Save]] = {}
@@ -119,4 +123,5 @@ def _step_figures(model: nn.Module, optimizer: Any, batch: Any, target: Any, tra
         out_keep=sum(_nbytes(t) for t in _tensors(trace.output)
                      if _storage_key(t) not in saved_keys | trace.batch_keys),
         loss=sum(_nbytes(t) for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
+        optimizer_program=program,
     )

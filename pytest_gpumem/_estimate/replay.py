@@ -16,6 +16,7 @@ from .saves import _Save
 
 T = Category.TEMPORARIES
 Item = tuple[Category, int, int]  #: (category, raw bytes, allocated bytes)
+Event = tuple  #: an optimizer program's event (see StepReplay._run_program)
 
 
 class _Live:
@@ -65,6 +66,8 @@ class StepFigures:
     loss: int
     scaler: Any = None               #: grad_scaler_tensors() when a GradScaler scales, else None
     region_saves: dict[int, list[_Save]] = field(default_factory=dict)
+    #: step -> the optimizer phase's events, for a rule with a program (LBFGS); None: state and temporaries
+    optimizer_program: Callable[[int], list["Event"]] | None = None
 
 
 class StepReplay:
@@ -121,9 +124,13 @@ class StepReplay:
         self.close(0, Phase.BATCH)
 
     def forward(self, step: int) -> None:
+        self.live.start_phase()
+        self._forward()
+        self.close(step, Phase.FORWARD)
+
+    def _forward(self) -> None:
         """Saved tensors accumulate; each leaf's unsaved output and inputs are transients beside them."""
         f, live, rnd = self.f, self.live, self.f.rnd
-        live.start_phase()
         save_iter = iter([s for s in f.saves if s.region is None])
         pending = next(save_iter, None)
         for leaf in f.leaves:
@@ -141,12 +148,15 @@ class StepReplay:
             pending = next(save_iter, None)
         live.add(T, f.out_keep + f.loss, rnd(f.out_keep) + rnd(f.loss))
         live.observe()
-        self.close(step, Phase.FORWARD)
 
     def backward(self, step: int) -> None:
+        self.live.start_phase()
+        self._backward(step, grads_present=step > 0 and not self.set_to_none)
+        self.close(step, Phase.BACKWARD)
+
+    def _backward(self, step: int, grads_present: bool) -> None:
         """A reverse sweep over the leaves: a storage is freed once the sweep passes its first save."""
         f, live, rnd = self.f, self.live, self.f.rnd
-        live.start_phase()
         live.add(T, f.loss, rnd(f.loss))  # the seed gradient
         sc = f.scaler
         if sc is not None:
@@ -156,7 +166,6 @@ class StepReplay:
             live.observe(self.items(T, sc.backward_start))
         self._remaining = sorted(f.saves, key=lambda s: s.position)
         self._recomputed: set[int] = set()
-        grads_present = step > 0 and not self.set_to_none
         for i in range(len(f.leaves) - 1, -1, -1):
             self._backward_leaf(i, grads_present)
         while self._remaining:
@@ -169,7 +178,6 @@ class StepReplay:
         if missing > 0:
             live.add(Category.GRADS, missing, missing if f.device == "cpu" else rnd(missing))
         live.observe()
-        self.close(step, Phase.BACKWARD)
 
     def _free(self, s: _Save) -> None:
         """Backward is past ``s``'s first save: it is freed (a region save only if it was recomputed)."""
@@ -195,12 +203,15 @@ class StepReplay:
         new_grads = [] if grads_present else list(leaf.grad_raw)
         accum = list(leaf.grad_raw) if grads_present else []
         held = [(T, leaf.in_raw, rnd(leaf.in_raw))] + [(T, g, rnd(g)) for g in leaf.cross_raw]
+        scratch = [(T, b, rnd(b)) for b in leaf.scratch]
         if leaf.inner_raw:
             # a chain inside the call (cross-entropy: log_softmax -> nll_loss): the inner grad is made
             # beside the output grad, then the input grad beside it
             inner = (T, leaf.inner_raw, rnd(leaf.inner_raw))
             live.observe([(T, leaf.out_raw, rnd(leaf.out_raw)), inner] + held[1:])
             live.observe([inner] + held)
+            if leaf.chain_raw:
+                live.observe([(T, g, rnd(g)) for g in leaf.chain_raw] + held[1:])
         threshold = f.leaves[i - 1].position if i > 0 else float("-inf")
         if leaf.cast_raw:
             # autocast: the kernels make grads of the low-precision weight copies; the call's saves and
@@ -217,7 +228,7 @@ class StepReplay:
             self._backward_by_op(leaf, new_grads, held, threshold)
         else:
             extra += [(Category.GRADS, g, rnd(g)) for g in new_grads] + [(T, g, rnd(g)) for g in accum]
-            live.observe(extra)
+            live.observe(extra + scratch)
             for g in new_grads:
                 live.add(Category.GRADS, g, rnd(g))
         # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution
@@ -253,9 +264,14 @@ class StepReplay:
             self._free(s)
 
     def optimizer(self, step: int) -> None:
-        """Lazy state on the first step, then step()'s temporaries (after unscale_ under a GradScaler)."""
+        """Lazy state on the first step, then step()'s temporaries (after unscale_ under a GradScaler); or the
+        rule's program of the step (LBFGS: its state changes, temporaries and closure re-evaluations)."""
         f, live, sc = self.f, self.live, self.f.scaler
         live.start_phase()
+        if f.optimizer_program is not None:
+            self._run_program(step, f.optimizer_program(step))
+            self.close(step, Phase.OPTIMIZER)
+            return
         if sc is not None:  # scaler.step(): unscale_ first, then optimizer.step() beside found_inf
             live.observe(self.items(T, sc.unscale))
         if step == 0 and not f.eager_state:
@@ -263,10 +279,32 @@ class StepReplay:
         live.observe([(T, *f.optimizer_temps)] + (self.items(T, sc.step) if sc is not None else []))
         self.close(step, Phase.OPTIMIZER)
 
+    def _run_program(self, step: int, events: Iterable[Event]) -> None:
+        """Replay an optimizer step's events: ("add", category, bytes) (negative frees), ("peek", [(category,
+        bytes)]) transients observed beside what is live, ("closure",) zero_grad + forward + backward again."""
+        live, rnd = self.live, self.f.rnd
+        for event in events:
+            if event[0] == "add":
+                _, category, n = event
+                live.add(category, n, rnd(n) if n >= 0 else -rnd(-n))
+                live.observe()
+            elif event[0] == "peek":
+                live.observe([(c, n, rnd(n)) for c, n in event[1]])
+            elif event[0] == "closure":
+                self._free_grads()
+                self._forward()
+                self._backward(step, grads_present=not self.set_to_none)  # its loss: step() keeps a float
+            else:
+                raise ValueError(f"unknown optimizer program event {event!r}")
+
+    def _free_grads(self) -> None:
+        if self.set_to_none:
+            f = self.f
+            self.live.add(Category.GRADS, -self.live.raw[Category.GRADS],
+                          -(f.grads[1] if f.device == "cuda" else f.grads[0]))
+
     def zero_grad(self, step: int) -> None:
         """set_to_none frees the grads."""
-        f, live = self.f, self.live
-        live.start_phase()
-        if self.set_to_none:
-            live.add(Category.GRADS, -live.raw[Category.GRADS], -(f.grads[1] if f.device == "cuda" else f.grads[0]))
+        self.live.start_phase()
+        self._free_grads()
         self.close(step, Phase.ZERO_GRAD)

@@ -1,6 +1,7 @@
 """Trace forward and loss on a meta twin: module calls, saved tensors in order, every op's tensors."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import weakref
@@ -14,7 +15,8 @@ from .. import _compat
 from .._compat import TorchDispatchMode
 from . import layer_formulas as formulas
 from .block_cache import BlockCache
-from .cpu_attention import _CpuAttention
+from .autocast_casts import cuda_autocast_state, cuda_autocast_without_gpu
+from .kernel_mode import KernelMode
 from .meta_twin import _to_meta, meta_twin
 from .segments import split_own_ops
 from .storages import _storage_key, _tensors
@@ -59,6 +61,16 @@ class _Trace:
     grad_bytes: dict[int, int] = field(default_factory=dict)
     user_autocast: str | None = None  #: an autocast region the model or loss entered itself (not traced as such)
     passthrough: frozenset = frozenset()  #: ops whose backward hands the output's grad on unchanged
+    #: op -> bytes of each buffer its backward allocates and frees (a CUDA attention kernel's scratch)
+    scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def uses_between(self, start: int, end: int) -> list[tuple[int, torch.Tensor, int]]:
+        """The entries of ``uses`` with ``start <= op < end`` (``uses`` is in op order: a bisection, not a scan)."""
+        ops = self.__dict__.get("_use_ops")
+        if ops is None or len(ops) != len(self.uses):
+            ops = self.__dict__["_use_ops"] = [u[0] for u in self.uses]
+            assert all(a <= b for a, b in zip(ops, ops[1:])), "trace uses out of op order"
+        return self.uses[bisect.bisect_left(ops, start):bisect.bisect_left(ops, end)]
 
     def grad_nbytes(self, p: torch.Tensor) -> int:
         """Bytes of twin parameter ``p``'s gradient after backward."""
@@ -81,8 +93,8 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
                reuse_blocks: bool = True) -> _Trace:
     """Run forward and loss on a meta twin, recording each module call and every saved tensor.
 
-    With ``device="cuda"`` the trace runs inside :func:`emulation.cuda_semantics`, so dropout, attention
-    and autocast save what CUDA kernels save (the same substitutions the emulated backend uses).
+    With ``device="cuda"`` the trace runs the kernels ``_cuda_facts`` says CUDA runs (:class:`KernelMode`), so
+    dropout, attention and autocast save what CUDA kernels save.
     """
     twin = meta_twin(model)
     tracer = _Tracer(twin, hooks, device)
@@ -106,7 +118,7 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
                   tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast,
-                  frozenset(tracer.passthrough))
+                  frozenset(tracer.passthrough), dict(tracer.scratch))
 
 
 def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
@@ -212,6 +224,7 @@ class _Tracer:
         self.pushed: list[tuple[int, Any]] = []  #: (call index, our saved-tensors hooks pushed over a checkpoint's)
         self.ops = 0  #: ops run so far (the _Uses counter)
         self.passthrough: set[int] = set()  #: ops whose backward hands the output's grad on unchanged (add, views)
+        self.scratch: dict[int, tuple[int, ...]] = {}  #: op -> its backward's scratch buffers (bytes each)
         self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
         self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
         #: autocast the model or loss entered itself (meta tensors ignore it, so the trace ran in full precision)
@@ -223,7 +236,8 @@ class _Tracer:
     def pre(self, module, args):
         if self.user_autocast is None and self.watch_autocast:
             # module hooks run above autocast (a dispatch mode runs below it and sees it off)
-            for device in ("cpu", "cuda"):
+            # a CUDA region is cast by the trace (KernelMode) when estimating for CUDA; a CPU region never is
+            for device in ("cpu",) if self.device == "cuda" else ("cpu", "cuda"):
                 if torch.is_autocast_enabled(device):
                     self.user_autocast = f"torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)})"
         parent = self.stack[-1] if self.stack else None
@@ -243,6 +257,21 @@ class _Tracer:
             hooks = torch.autograd.graph.saved_tensors_hooks(_weak_pack(self), _identity)
             hooks.__enter__()
             self.pushed.append((call.index, hooks))
+
+    def add_scratch(self, output: torch.Tensor, nbytes: tuple[int, ...]) -> None:
+        """The op that made ``output`` (a CUDA attention kernel, just run) allocates ``nbytes`` in its backward
+        (ops after it, such as autograd's detach of the saved output, are not it)."""
+        if self.paused:
+            return
+        key, made, since = _storage_key(output), None, 0
+        for op, t, kind in reversed(self.uses):  # the storage's first appearance: the kernel made it
+            if kind == OUT and _storage_key(t) == key:
+                made, since = op, 0
+            since += 1
+            if made is not None and since > 64:
+                break
+        if made is not None:
+            self.scratch[made] = nbytes
 
     def new_region(self) -> int:
         """A checkpoint region number of its own (for a replayed block's region)."""
@@ -292,16 +321,13 @@ class _Tracer:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_weak_pack(self), _identity))
             stack.enter_context(_Uses(self))
             stack.callback(self.unwind)
-            if self.device == "cuda" or autocast_dtype is not None:
-                from .._emulation import cuda_semantics, emulated_autocast
-
-                # device="cpu" borrows only the autocast emulation (real autocast ignores meta tensors):
-                # CUDA's lists, which cast the same matmul/conv ops to the low-precision dtype as CPU's.
-                stack.enter_context(cuda_semantics(only=None if self.device == "cuda" else ("autocast",)))
-                if autocast_dtype is not None:
-                    stack.enter_context(emulated_autocast(autocast_dtype))
-            if self.device == "cpu":
-                stack.enter_context(_CpuAttention())
+            # the kernels the device runs (CUDA's from _cuda_facts; the CPU's attention), and autocast as the
+            # trace's own casts: real autocast ignores meta tensors. device="cpu" casts by CUDA's lists, which cast
+            # the same matmul/conv ops to the low-precision dtype as the CPU's.
+            if self.device == "cuda":
+                stack.enter_context(cuda_autocast_without_gpu())
+            stack.enter_context(cuda_autocast_state(autocast_dtype))
+            stack.enter_context(KernelMode(self.device, self.add_scratch))
             output = call_model(self.twin, inputs)
             loss_call = _Call(len(self.calls), "loss", None, None, 0)
             loss_call.inputs = tuple(_tensors(output))
