@@ -38,7 +38,7 @@ class GpuMem:
         cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
-        self._backend_factory = lambda: make_backend(state.backend_name, cuda_device=cuda_device)
+        self._backend_factory = lambda: make_backend(state.backend_name, cuda_device=cuda_device, device=state.device)
         probe = self._backend_factory()
         #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
         self.device: torch.device = probe.device

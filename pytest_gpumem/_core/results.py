@@ -1,7 +1,7 @@
 """Result dataclasses of a measured step: per phase, per category, per step; with to_dict()/from_dict()."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from .categories import CATEGORIES, PHASES, Category, Phase
@@ -30,9 +30,11 @@ class PhaseStats:
     peak_split: dict[Category, int]  #: category mix at the phase's peak instant
     retained_split: dict[Category, int]
     reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
+    #: named parts of ``other`` at the phase's peak (library workspaces), raw bytes; the rest is allocator rounding
+    other_parts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "phase": self.phase.value,
             "peak_bytes": self.peak,
             "retained_bytes": self.retained,
@@ -40,6 +42,9 @@ class PhaseStats:
             "peak_split": split_to_dict(self.peak_split),
             "retained_split": split_to_dict(self.retained_split),
         }
+        if self.other_parts:
+            data["other_parts"] = dict(self.other_parts)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PhaseStats":
@@ -50,6 +55,7 @@ class PhaseStats:
             peak_split=split_from_dict(data["peak_split"]),
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
+            other_parts={str(k): int(v) for k, v in (data.get("other_parts") or {}).items()},
         )
 
 
@@ -129,6 +135,11 @@ class StepReport:
         return self.peak_step.phases
 
     @property
+    def other_parts(self) -> dict[str, int]:
+        """Named parts of ``other`` at the peak (library workspaces); the rest of ``other`` is allocator rounding."""
+        return dict(self.phases[self.peak_phase].other_parts) if self.peak_phase in self.phases else {}
+
+    @property
     def reserved_peak(self) -> int | None:
         values = [s.reserved_peak for s in self.steps if s.reserved_peak is not None]
         return max(values) if values else None
@@ -172,6 +183,7 @@ class StepReport:
             "reserved_peak_bytes": self.reserved_peak,
             "peak_split": split_to_dict(self.peak_split),
             "category_peaks": {c.value: self.category_peak(c) for c in CATEGORIES},
+            **({"other_parts": self.other_parts} if self.other_parts else {}),
             "steps": [s.to_dict() for s in self.steps],
             "notes": list(self.notes),
         }
@@ -238,4 +250,8 @@ def step_table(report: StepReport, *, verbose: bool = False) -> str:
     if not verbose and len(report.steps) > 1:
         title += f"; showing the {report.peak_step.label} step (-v: all {len(report.steps)} steps)"
     notes = "".join(f"\nnote: {n}" for n in report.notes)
+    parts = report.other_parts
+    if parts:
+        named = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+        notes = f"\nother at the peak holds: {named} (the rest: allocator rounding)" + notes
     return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{notes}"

@@ -1,0 +1,170 @@
+"""Target GPUs: the profiles, the library workspaces the emulation adds for them, budgets as a share of memory.
+
+Workspace sizes come from CublasHandlePool.cpp (see _cuda_facts/workspaces.py); figures below state them
+with their arithmetic. No figure here was measured on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_gpumem import measure_step
+from pytest_gpumem._core.budget import Budget, BudgetError, budget_from_marker, budget_from_total
+from pytest_gpumem._cuda_facts import devices, workspaces
+from pytest_gpumem._cuda_facts.devices import DeviceProfile, UnknownDevice
+from pytest_gpumem._emulation.devices import known_profiles, resolve
+from pytest_gpumem._emulation.library_allocations import NOTE_CONVOLUTION, NOTE_NO_DEVICE
+from pytest_gpumem._measure.backends import make_backend
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+HOPPER = 32 * MiB                     # 4096 * 8 * 1024
+OLDER = 2 * 4096 * KiB + 8 * 16 * KiB  # ':4096:2:16:8' = 8,519,680 B
+LT = 1024 * KiB                       # CUBLASLT_WORKSPACE_SIZE's default, in KiB
+
+
+def test_every_profile_the_issue_names_is_there_with_its_capability():
+    sm = {p.name: p.sm for p in devices.BUILTIN}
+    assert sm == {"H100-SXM": (9, 0), "H100-PCIe": (9, 0), "H200": (9, 0), "A100-40GB": (8, 0), "A100-80GB": (8, 0),
+                  "L4": (8, 9), "A10G": (8, 6), "L40S": (8, 9), "V100-16GB": (7, 0), "V100-32GB": (7, 0),
+                  "RTX-4090": (8, 9)}
+    assert resolve("h100").name == resolve("H100 SXM").name == "H100-SXM"   # case, spaces and dashes ignored
+    assert resolve("a100").name == "A100-80GB"
+    assert resolve("A100-40GB").total_memory == 42_298_834_944               # a driver figure, cited in the module
+    assert resolve("H200").total_memory == 141 * GiB and resolve("H200").memory_source == "nominal"
+
+
+def test_an_unknown_device_lists_the_known_ones():
+    with pytest.raises(UnknownDevice) as info:
+        resolve("H300")
+    assert "'H300'" in str(info.value)
+    assert all(p.name in str(info.value) for p in devices.BUILTIN)
+
+
+@pytest.mark.parametrize(("name", "cublas"), [("H100", HOPPER), ("H200", HOPPER), ("A100", OLDER), ("L4", OLDER),
+                                              ("V100", OLDER), ("RTX-4090", OLDER)])
+def test_cublas_workspace_by_architecture(name, cublas):
+    profile = resolve(name)
+    assert profile.cublas_workspace({}) == cublas and profile.cublaslt_workspace({}) == LT
+
+
+def test_workspace_environment_variables():
+    h100 = resolve("H100")
+    assert h100.cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}) == 8 * 4096 * KiB      # 32 MiB
+    assert h100.cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == 8 * 16 * KiB          # 128 KiB
+    assert h100.cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": "garbage"}) == HOPPER              # torch warns, keeps it
+    # cuBLASLt is capped at the cuBLAS size: 1 MiB > 128 KiB
+    assert h100.cublaslt_workspace({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == 128 * KiB
+    assert h100.cublaslt_workspace({"CUBLASLT_WORKSPACE_SIZE": "4096"}) == 4 * MiB
+    assert h100.cublaslt_workspace({"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "1"}) == 0
+    blackwell = DeviceProfile("B200", (10, 0), 180 * GiB, "nominal")
+    with pytest.raises(UnknownDevice, match="changed between releases"):
+        blackwell.cublas_workspace({})
+    assert DeviceProfile("B200", (10, 0), 180 * GiB, "nominal", cublas_workspace_override=HOPPER).cublas_workspace({}) == HOPPER
+
+
+def test_cublaslt_path_conditions():
+    ok = dict(bias_contiguous=True, beta=1.0, dtype_ok=True, env={})
+    assert workspaces.takes_cublaslt("addmm", (64,), mat1_shape=(32, 128), mat2_shape=(128, 64), **ok)
+    assert not workspaces.takes_cublaslt("mm", (64,), mat1_shape=(32, 128), mat2_shape=(128, 64), **ok)
+    assert not workspaces.takes_cublaslt("addmm", (32, 64), mat1_shape=(32, 128), mat2_shape=(128, 64), **ok)
+    assert not workspaces.takes_cublaslt("addmm", (64,), mat1_shape=(1, 128), mat2_shape=(128, 64), **ok)
+    assert not workspaces.takes_cublaslt("addmm", (64,), mat1_shape=(32, 128), mat2_shape=(128, 64),
+                                         bias_contiguous=True, beta=1.0, dtype_ok=True, env={"DISABLE_ADDMM_CUDA_LT": "1"})
+
+
+def _mlp_step(device=None, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10, bias=False))
+    return measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(32, 64),
+                        target=torch.randint(0, 10, (32,)), loss_fn=nn.functional.cross_entropy,
+                        backend=make_backend("emulated", device=device), **kwargs)
+
+
+def test_workspaces_per_thread_are_named_parts_of_other():
+    plain, h100, a100 = _mlp_step(), _mlp_step("H100"), _mlp_step("A100")
+    assert NOTE_NO_DEVICE in plain.notes and plain.other_parts == {}
+    # forward: the first Linear's addmm takes cuBLASLt (1-D bias) -> cuBLAS and cuBLASLt workspaces on the main thread;
+    # backward: mm on autograd's thread -> one more cuBLAS workspace. 32 + 1 + 32 MiB on sm90, 8.125 + 1 + 8.125 before
+    assert h100.other_parts == {"cuBLAS workspace (main thread)": HOPPER, "cuBLASLt workspace (main thread)": LT,
+                                "cuBLAS workspace (autograd thread)": HOPPER}
+    assert h100.peak - plain.peak == 2 * HOPPER + LT == 68_157_440
+    assert a100.peak - plain.peak == 2 * OLDER + LT == 18_087_936
+    assert "H100-SXM" in h100.device and "cuBLAS workspace (main thread) 32.00 MiB" in h100.table()
+    # they are allocated once: the steady step holds them from the start of its forward
+    steady = h100.steps[1].phases
+    assert all(stats.other_parts == h100.other_parts for stats in steady.values())
+    assert h100.to_dict()["other_parts"] == h100.other_parts
+
+
+def test_workspace_allocations_come_after_the_matmul_output():
+    """On CUDA the op's output is allocated before the handle's workspace; the forward phase's peak includes both."""
+    plain, h100 = _mlp_step(), _mlp_step("H100")
+    from pytest_gpumem import Phase
+
+    first = (plain.steps[0].phases[Phase.FORWARD], h100.steps[0].phases[Phase.FORWARD])
+    assert first[1].peak - first[0].peak == HOPPER + LT   # the autograd thread's workspace comes in backward
+
+
+def test_a_convolution_says_its_workspace_is_not_included():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(2, 3, 8, 8),
+                          backend=make_backend("emulated", device="L4"))
+    assert NOTE_CONVOLUTION in report.notes
+
+
+def test_attention_kernel_follows_the_device():
+    """V100 (sm70) has no flash or cuDNN attention: bf16 SDPA falls to memory-efficient attention there."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            q = self.proj(x).view(2, 16, 4, 16).transpose(1, 2)
+            return nn.functional.scaled_dot_product_attention(q, q, q).sum()
+
+    def run(device):
+        model = Attn()
+        return measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(2, 16, 64),
+                            loss_fn=lambda out, _: out, backend=make_backend("emulated", device=device),
+                            autocast_dtype=torch.bfloat16)
+
+    assert any("cuDNN attention" in n for n in run("H100").notes)
+    v100 = run("V100").notes
+    assert any("memory-efficient attention" in n and "sm70 outside sm80..sm121" in n for n in v100)
+
+
+def test_budget_as_a_share_of_the_device_memory():
+    budget = budget_from_marker(("90%",), {"device": "H100"})
+    assert budget.total is None and budget.share == 0.9 and budget.device == "H100"
+    resolved = budget.with_device_total("H100-SXM", 80 * GiB)
+    assert resolved.total == int(0.9 * 80 * GiB) == 77_309_411_328
+    with pytest.raises(BudgetError, match="no GPU is known"):
+        budget.with_device_total(None, None)
+    assert budget_from_total("50%").share == 0.5 and budget_from_total("2GiB").total == 2 * GiB
+    for bad in ("0%", "150%", "x%"):
+        with pytest.raises(BudgetError, match="share of the GPU's memory"):
+            budget_from_marker((bad,), {})
+    with pytest.raises(BudgetError, match="device="):
+        budget_from_marker(("1GB",), {"device": ""})
+    assert Budget(share=0.5).is_empty is False
+
+
+class _Extra:
+    @staticmethod
+    def pytest_gpumem_device_profiles():
+        return [DeviceProfile("T4", (7, 5), 16 * GiB, "nominal", ("Tesla-T4",))]
+
+
+def test_profiles_can_be_added_through_the_hook():
+    from pytest_gpumem._estimate.plugins import plugin_manager
+
+    plugin_manager.register(_Extra)
+    try:
+        assert resolve("tesla t4").name == "T4" and resolve("T4").cublas_workspace({}) == OLDER
+        assert [p.name for p in known_profiles()][-1] == "T4"
+    finally:
+        plugin_manager.unregister(_Extra)
+    with pytest.raises(UnknownDevice):
+        resolve("T4")
