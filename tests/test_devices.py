@@ -168,3 +168,36 @@ def test_profiles_can_be_added_through_the_hook():
         plugin_manager.unregister(_Extra)
     with pytest.raises(UnknownDevice):
         resolve("T4")
+
+
+class ScratchThenLinear(nn.Module):
+    """20 MiB made and dropped in forward before a small Linear: without workspaces the peak is in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        scratch = torch.zeros(5 * 2**20, device=x.device)   # 5 Mi fp32 = 20 MiB
+        return self.fc(x) + scratch[:1]
+
+
+def test_a_workspace_that_moves_the_peak_does_not_fake_a_contradiction():
+    """One step on an H100: forward holds 20 MiB + 33 MiB of main-thread workspaces, backward ~37 KiB of tensors +
+    65 MiB, so the peak moves to backward, where almost nothing of the step's own is alive. The estimate check
+    compares with the tracked bytes at the peak the step would have without the workspaces (its forward)."""
+    from pytest_gpumem import Phase, compare, estimate_step
+
+    def run(device):
+        torch.manual_seed(0)
+        model = ScratchThenLinear()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 64)
+        return (measure_step(model, opt, x, steps=1, backend=make_backend("emulated", device=device)),
+                estimate_step(model, opt, x, steps=1, device="cuda"))
+
+    (plain, estimate), (h100, _) = run(None), run("H100")
+    assert plain.peak_phase is Phase.FORWARD and h100.peak_phase is Phase.BACKWARD
+    assert h100.peak == plain.steps[0].phases[Phase.BACKWARD].peak + 2 * HOPPER + LT
+    assert h100.tracked_peak() == plain.tracked_peak() >= 20 * MiB
+    assert compare(h100, estimate).ok and compare(plain, estimate).ok

@@ -32,6 +32,9 @@ class PhaseStats:
     reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
     #: named parts of ``other`` at the phase's peak (library workspaces), raw bytes; the rest is allocator rounding
     other_parts: dict[str, int] = field(default_factory=dict)
+    #: (peak, tracked bytes at it) had the libraries allocated nothing; None without library allocations.
+    #: In-process only (not in JSON): the estimate check compares the step's own bytes with it
+    without_libraries: tuple[int, int] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -133,6 +136,15 @@ class StepReport:
     @property
     def phases(self) -> dict[Phase, PhaseStats]:
         return self.peak_step.phases
+
+    def tracked_peak(self) -> int:
+        """Tracked bytes (every category but ``other``) at the peak; with library allocations (workspaces),
+        at the peak the step would have without them, so a workspace that moves the peak's instant does not
+        change what the estimate is compared with."""
+        bare = [stats.without_libraries for _, stats in self.step_phases() if stats.without_libraries is not None]
+        if bare:
+            return max(bare)[1]
+        return self.peak - self.peak_split.get(Category.OTHER, 0)
 
     @property
     def other_parts(self) -> dict[str, int]:

@@ -323,7 +323,8 @@ def _with_allocator_figures(r: PhaseReplay, peak: int, retained: int, reserved: 
     peak_split[Category.OTHER] += peak - r.peak
     retained_split = dict(r.retained_split)
     retained_split[Category.OTHER] += retained - r.retained
-    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved, dict(r.peak_parts))
+    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved, dict(r.peak_parts),
+                      r.without_libraries)
 
 
 def warm_up_cuda(device: torch.device) -> None:

@@ -71,6 +71,8 @@ class PhaseReplay:
     retained_split: dict[Category, int]
     events: tuple[int, int]  #: [first, last) event indices, for allocator models
     peak_parts: dict[str, int] = field(default_factory=dict)  #: named parts of ``other`` at the peak
+    #: with library allocations: (peak, tracked bytes at it) of the same log without them, else None
+    without_libraries: tuple[int, int] | None = None
 
 
 class StorageTracker(TorchDispatchMode):
@@ -249,6 +251,9 @@ class StorageTracker(TorchDispatchMode):
         alloc_index = 0
         parts: dict[str, int] = {}
         peak_parts: dict[str, int] = {}
+        library = 0              # rounded bytes of library allocations so far (never freed)
+        bare = (-1, 0)           # (peak, tracked bytes) without them, this phase
+        other = cat_index[Category.OTHER]
 
         def split(mix: list[int], rounded: int) -> dict[Category, int]:
             out = {c: mix[i] for i, c in enumerate(CATEGORIES)}
@@ -267,6 +272,7 @@ class StorageTracker(TorchDispatchMode):
                         retained_split=split(totals, allocated),
                         events=(first, alloc_index),
                         peak_parts=dict(peak_parts),
+                        without_libraries=bare if self._parts else None,
                     )
                 )
 
@@ -275,6 +281,7 @@ class StorageTracker(TorchDispatchMode):
                 close_phase()
                 current = (ev.step, ev.phase)
                 peak, peak_mix, first, peak_parts = allocated, list(totals), alloc_index, dict(parts)
+                bare = (allocated - library, sum(totals) - totals[other])
                 continue
             alloc_index += 1
             allocated += ev.delta
@@ -283,7 +290,10 @@ class StorageTracker(TorchDispatchMode):
             if self._parts and ev.key in self._parts:
                 name = self._parts[ev.key]
                 parts[name] = parts.get(name, 0) + ev.raw
+                library += ev.delta
             if allocated > peak:
                 peak, peak_mix, peak_parts = allocated, list(totals), dict(parts)
+            if self._parts and allocated - library > bare[0]:
+                bare = (allocated - library, sum(totals) - totals[other])
         close_phase()
         return results
