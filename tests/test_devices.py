@@ -201,3 +201,18 @@ def test_a_workspace_that_moves_the_peak_does_not_fake_a_contradiction():
     assert h100.peak == plain.steps[0].phases[Phase.BACKWARD].peak + 2 * HOPPER + LT
     assert h100.tracked_peak() == plain.tracked_peak() >= 20 * MiB
     assert compare(h100, estimate).ok and compare(plain, estimate).ok
+
+
+def test_on_the_cuda_backend_the_gpu_present_wins_with_a_warning(monkeypatch):
+    """No GPU here: the GPU 'present' is a stand-in profile (nominal 80 GiB), to check the choice, not a figure."""
+    from pytest_gpumem._emulation import devices as choice
+
+    present = devices.from_properties("NVIDIA A100-SXM4-80GB", 8, 0, 80 * GiB)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(choice, "present_gpu", lambda index: present)
+    with pytest.warns(choice.DeviceMismatchWarning, match="measuring on the GPU present, NVIDIA A100-SXM4-80GB"):
+        budget, device = choice.device_for_test(Budget(share=0.5, device="H100"), "cuda", None)
+    assert device is present and budget.total == 40 * GiB          # half of the GPU present, not of the H100
+    budget, device = choice.device_for_test(Budget(share=0.5), "auto", "A100-80GB")   # the same GPU: no warning
+    assert device is present and choice.same_gpu(resolve("A100-80GB"), present)
