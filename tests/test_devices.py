@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem import measure_step
+from pytest_gpumem import Category, measure_step
 from pytest_gpumem._core.budget import Budget, BudgetError, budget_from_marker, budget_from_total
 from pytest_gpumem._cuda_facts import devices, workspaces
 from pytest_gpumem._cuda_facts.devices import DeviceProfile, UnknownDevice
@@ -216,3 +216,35 @@ def test_on_the_cuda_backend_the_gpu_present_wins_with_a_warning(monkeypatch):
     assert device is present and budget.total == 40 * GiB          # half of the GPU present, not of the H100
     budget, device = choice.device_for_test(Budget(share=0.5), "auto", "A100-80GB")   # the same GPU: no warning
     assert device is present and choice.same_gpu(resolve("A100-80GB"), present)
+
+
+def test_the_estimate_chooses_attention_kernels_for_the_named_gpu():
+    """The fixture runs the estimate inside target_gpu(...): on a V100 (no flash/cuDNN attention) both sides save
+    what memory-efficient attention saves. (The peaks differ on every GPU: the estimate does not count attention's
+    backward scratch yet, a known gap.)"""
+    from pytest_gpumem import compare, estimate_step
+    from pytest_gpumem._emulation.attention import target_gpu
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            q = self.proj(x).view(2, 200, 4, 16).transpose(1, 2)
+            return nn.functional.scaled_dot_product_attention(q, q, q).sum()
+
+    torch.manual_seed(0)
+    model, x = Attn(), torch.randn(2, 200, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = dict(loss_fn=lambda out, _: out, autocast_dtype=torch.bfloat16)
+    measured = measure_step(model, opt, x, backend=make_backend("emulated", device="V100"), **kwargs)
+    with target_gpu(resolve("V100")):
+        on_v100 = estimate_step(model, opt, x, device="cuda", **kwargs)
+    on_h100 = estimate_step(model, opt, x, device="cuda", **kwargs)
+    saved = measured.category_peak(Category.ACTIVATIONS)
+    assert on_v100.category_peak(Category.ACTIVATIONS) == saved
+    assert any("memory-efficient attention" in n for n in measured.notes)
+    # cuDNN attention on an H100 saves a (B, H, L, 1) fp32 softmax stat where the memory-efficient kernel keeps a
+    # logsumexp padded to 32 rows, (B, H, round32(L)): 2 x 4 x (224 - 200) x 4 B = 768 B more on the V100
+    assert on_h100.category_peak(Category.ACTIVATIONS) == saved - 2 * 4 * (224 - 200) * 4
