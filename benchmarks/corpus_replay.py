@@ -198,14 +198,32 @@ class Emulated:
     allocations: dict[tuple[int, str], list[int]]      #: (step, phase) -> rounded sizes allocated, in order
 
 
-def emulate(config: Any) -> Emulated:
-    """Run ``config`` (a corpus_configs.CorpusConfig) on the emulated backend, as the recorder ran it."""
+def recorded_gpu(environment: Mapping[str, Any] | None) -> Any:
+    """The DeviceProfile of the GPU a recording was made on (None when it names none): its name, compute
+    capability and memory as the driver reported them, so the emulation adds that GPU's library workspaces."""
+    from pytest_gpumem._cuda_facts.devices import from_properties
+
+    if not environment or not environment.get("gpu") or not environment.get("compute_capability"):
+        return None
+    major, minor = (int(x) for x in str(environment["compute_capability"]).split("."))
+    return from_properties(environment["gpu"], major, minor, int(environment.get("total_memory") or 0))
+
+
+#: environment variables of the recording process the emulation reads (the recorder keeps them)
+PROCESS_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG",
+                     "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "DISABLE_ADDMM_CUDA_LT")
+
+
+def emulate(config: Any, environment: Mapping[str, Any] | None = None) -> Emulated:
+    """Run ``config`` (a corpus_configs.CorpusConfig) on the emulated backend, as the recorder ran it; with a
+    recording's ``environment``, for its GPU and its process's allocator and workspace settings."""
     from corpus_configs import seeded
     from pytest_gpumem import measure_step
-    from pytest_gpumem._measure.backends import make_backend
+    from pytest_gpumem._measure.backends import EmulatedBackend
     from pytest_gpumem._emulation import EmulatedGradScaler
 
-    backend = make_backend("emulated")
+    process = {k: str(environment[k]) for k in PROCESS_VARIABLES if environment and environment.get(k) is not None}
+    backend = EmulatedBackend(profile=recorded_gpu(environment), environment=process)
     model, (inputs, target) = seeded(config.model), seeded(config.batch)
     optimizer = config.optimizer(model.parameters())
     attention = contextlib.nullcontext()
@@ -349,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
               f"trace problems {len(check.problems)}")
         if check.first_mismatch:
             print(f"  first: {check.first_mismatch}")
-        emulated = emulate(corpus_configs.get(name))
+        emulated = emulate(corpus_configs.get(name), record.get("environment"))
         err = peak_error(record, emulated)
         errors.append(err)
         print(f"max_memory_allocated {record['max_memory_allocated']}, emulated {emulated.report.peak} ({_pct(err)})")

@@ -78,7 +78,8 @@ def environment(torch: Any, cuda: bool) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         **{var: os.environ.get(var)
-           for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "TORCH_SYMBOLIZE_MODE")},
+           for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "TORCH_SYMBOLIZE_MODE", "CUBLAS_WORKSPACE_CONFIG",
+                       "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "DISABLE_ADDMM_CUDA_LT")},
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "SavedItem": "_estimate.layer_formulas", "activation_formula": "_estimate.layer_formulas",
     "StateTensor": "_estimate.optimizer_rules", "optimizer_rule": "_estimate.optimizer_rules",
     "register_formulas": "_estimate", "hookimpl": "hookspecs",
+    "DeviceProfile": "_cuda_facts.devices",
 }
 _MODULES = ("strategies",)
 
@@ -49,6 +50,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from . import strategies  # noqa: F401
     from ._core.categories import Category, Phase  # noqa: F401
+    from ._cuda_facts.devices import DeviceProfile  # noqa: F401
     from ._core.results import PhaseStats, StepMeasurement, StepReport  # noqa: F401
     from ._core.units import format_bytes, parse_bytes  # noqa: F401
     from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas  # noqa: F401

@@ -48,8 +48,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("report_wide", "with --gpumem-report: every column (backend, each category) however wide", kind="flag"),
     Option("backend", "where bytes come from: auto (cuda if a GPU is present, else emulated), cuda, cpu, emulated",
            ini_default="auto", choices=BACKENDS),
-    Option("default_budget", "budget for tests that use the gpumem fixture without a gpu_budget marker, e.g. 2GiB",
-           metavar="SIZE"),
+    Option("default_budget", "budget for tests that use the gpumem fixture without a gpu_budget marker, e.g. 2GiB, "
+           "or a share of the GPU's memory such as 90%", metavar="SIZE"),
+    Option("device", "the GPU the emulated backend predicts, e.g. H100, H200, A100-80GB, L4 (its compute "
+           "capability, memory and library workspaces); on the cuda backend the GPU present", metavar="GPU"),
     Option("rtol", "fail a measured test whose peak or any category differs from the analytical estimate by more "
            "than this fraction (default 0.05); 'off' disables the check", metavar="FRACTION", ini_default=DEFAULT_RTOL),
     Option("atol", "differences from the estimate below this many bytes never fail (default 256KiB)",

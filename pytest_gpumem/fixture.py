@@ -38,7 +38,7 @@ class GpuMem:
         cuda_device = cuda_device_for_worker(worker) if torch.cuda.is_available() else None
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)  # one GPU per xdist worker; no stray context on GPU 0
-        self._backend_factory = lambda: make_backend(state.backend_name, cuda_device=cuda_device)
+        self._backend_factory = lambda: make_backend(state.backend_name, cuda_device=cuda_device, device=state.device)
         probe = self._backend_factory()
         #: where to build the model and batch so the same test runs on a GPU box and on CPU-only CI
         self.device: torch.device = probe.device
@@ -80,14 +80,22 @@ class GpuMem:
         from ._estimate import estimate_step
 
         try:
-            return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target,
-                                 device=estimate_device(self.backend), hook=self._item.config.hook,
-                                 **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
+            with self._target_gpu():  # the estimate's CUDA kernel choices follow the GPU the test names
+                return estimate_step(model, optimizer, batch, loss_fn=loss_fn, target=target,
+                                     device=estimate_device(self.backend), hook=self._item.config.hook,
+                                     **{k: v for k, v in kwargs.items() if k in _SHARED_STEP_OPTIONS})
         except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
             self._item.add_report_section(
                 "call", "gpumem estimate", f"no estimate for this step ({type(exc).__name__}: {exc}); not compared"
             )
             return None
+
+    def _target_gpu(self) -> contextlib.AbstractContextManager:
+        if self._state.device is None or self.backend == "cpu":
+            return contextlib.nullcontext()
+        from ._emulation.attention import target_gpu
+
+        return target_gpu(self._state.device)
 
     @contextlib.contextmanager
     def track(self, model=None, optimizer=None, batch=None):

@@ -48,3 +48,9 @@ def pytest_gpumem_activation_bytes(module: Any, inputs: tuple, output: Any, devi
 @hookspec(firstresult=True)
 def pytest_gpumem_optimizer_state_bytes(optimizer: Any, param: Any, device: str) -> int | None:
     """Bytes of optimizer state ``optimizer`` keeps on ``device`` for ``param`` after its first step, or None."""
+
+
+@hookspec()
+def pytest_gpumem_device_profiles() -> list[Any]:
+    """More target GPUs for ``--gpumem-device`` / ``gpu_budget(device=...)``: a list of
+    ``pytest_gpumem.DeviceProfile``. Every implementation is asked; a name given twice is refused."""

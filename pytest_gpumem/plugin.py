@@ -61,6 +61,7 @@ class Manager:
             raise pytest.UsageError(f"{options.source(config, 'backend')} = {self.backend_name!r}: expected one of "
                                     f"{', '.join(BACKENDS)}")
         self.default_budget = _default_budget(config)
+        self.device_name = _device_option(config)
         self.rtol = _rtol(config)
         self.atol = _atol(config)
         self.report_wide = options.flag(config, "report_wide")
@@ -103,7 +104,13 @@ class Manager:
             backend = (budget.backend if budget and budget.backend else None) or self.backend_name
             from ._core.records import TestState
 
-            state = TestState(budget, backend, budget_from_marker=marker is not None)
+            device = None
+            if budget is not None and budget.device is not None or self.device_name is not None or (
+                    budget is not None and budget.share is not None):
+                from ._emulation.devices import device_for_test
+
+                budget, device = device_for_test(budget, backend, self.device_name, self.config)
+            state = TestState(budget, backend, budget_from_marker=marker is not None, device=device)
             item.stash[_STATE] = state
         return state
 
@@ -228,9 +235,22 @@ def _default_budget(config: pytest.Config) -> budgets.Budget | None:
     if value is None:
         return None
     try:
-        return budgets.Budget(total=budgets.parse_size(value))
+        return budgets.budget_from_total(value)
     except budgets.BudgetError as exc:
         raise pytest.UsageError(f"{options.source(config, 'default_budget')}={value!r}: {exc}") from None
+
+
+def _device_option(config: pytest.Config) -> str | None:
+    """--gpumem-device / gpumem_device, checked against the known profiles (UsageError listing them)."""
+    value = options.text(config, "device")
+    if value is None:
+        return None
+    from ._emulation.devices import UnknownDevice, resolve
+
+    try:
+        return resolve(value.strip(), config.hook).name
+    except UnknownDevice as exc:
+        raise pytest.UsageError(f"{options.source(config, 'device')}: {exc}") from None
 
 
 def _rtol(config: pytest.Config) -> float | None:

@@ -20,7 +20,7 @@ import pytest
 SIZES = ("a non-negative number of bytes with an optional unit: B, kB/KB, MB, GB, TB (powers of 10) "
          "or KiB, MiB, GiB, TiB (powers of 2), e.g. '2GB', '1.5 GiB', '512MiB', 4096")
 SIGNATURE = ("gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-             "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None)")
+             "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None)")
 SPECS = ("comma-separated rules, each '[SCOPE:]LIMIT' where LIMIT is a percentage ('5%') or an absolute size "
          "('+64MiB') and SCOPE is 'peak' (the default), 'reserved', a category (params, grads, optimizer, batch, "
          "activations, temporaries, other) or '*' for every category; e.g. '5%', '+64MiB', 'activations:10%', "

@@ -335,6 +335,24 @@ def test_misses_list_the_workspaces_the_emulation_lacks_by_kind():
     assert extra == {(0, "forward"): [dropped]}
 
 
+def test_a_recordings_gpu_gets_its_library_workspaces_in_the_emulated_run():
+    """The recording's environment names its GPU; the emulated run then holds that GPU's cuBLAS/cuBLASLt workspaces
+    (CublasHandlePool.cpp: 32 MiB per thread on sm90, 1 MiB cuBLASLt), so a real trace's workspace allocations
+    find their emulated match instead of being missed. The environment below is written for the test, not recorded."""
+    environment = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "total_memory": 80 * 2**30}
+    config = corpus_configs.get("mlp_sgd")
+    plain, h100 = corpus_replay.emulate(config), corpus_replay.emulate(config, environment)
+    # forward: the MLP's Linear with bias takes cuBLASLt -> 32 MiB + 1 MiB on the main thread; backward: 32 MiB
+    assert h100.report.other_parts == {"cuBLAS workspace (main thread)": 32 * MiB,
+                                       "cuBLASLt workspace (main thread)": MiB,
+                                       "cuBLAS workspace (autograd thread)": 32 * MiB}
+    assert h100.report.peak - plain.report.peak == 65 * MiB      # never freed, each its own block: additive
+    assert h100.allocations[(0, "forward")].count(32 * MiB) == 1 and h100.allocations[(0, "backward")].count(32 * MiB) == 1
+    assert h100.allocations[(1, "forward")].count(32 * MiB) == 0  # allocated once per process
+    older = dict(environment, compute_capability="8.0", CUBLAS_WORKSPACE_CONFIG=":4096:8")   # the recording's own setting
+    assert corpus_replay.emulate(config, older).report.other_parts["cuBLAS workspace (main thread)"] == 8 * 4096 * 1024
+
+
 # -- the recorded corpus (skips until a GPU session records one) ----------------------------------
 
 
@@ -353,8 +371,10 @@ def emulations():
 
 
 def _emulated(emulations, name):
+    """The emulated run of ``name`` for the GPU and process settings of its recording (workspaces included)."""
     if name not in emulations:
-        emulations[name] = corpus_replay.emulate(corpus_configs.get(name))
+        environment = corpus_format.read_record(RECORDED[name]).get("environment") if name in RECORDED else None
+        emulations[name] = corpus_replay.emulate(corpus_configs.get(name), environment)
     return emulations[name]
 
 

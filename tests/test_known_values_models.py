@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pytest_gpumem._emulation.library_allocations import LIBRARY_NOTES
 from pytest_gpumem import measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._measure.step import StepFailed
@@ -14,8 +15,8 @@ HERE = __file__.rsplit("/", 1)[-1]
 
 
 def value_notes(report) -> tuple:
-    """The report's notes about values read, without the attention kernel notes every attention call adds."""
-    return tuple(n for n in report.notes if not n.startswith("attention assumed on"))
+    """The report's notes about values read, without the attention kernel and library notes the emulation adds."""
+    return tuple(n for n in report.notes if not n.startswith("attention assumed on") and n not in LIBRARY_NOTES)
 
 def hf_loss(output, target):
     return output.loss

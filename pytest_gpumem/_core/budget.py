@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .categories import BACKENDS, Category
@@ -18,10 +18,10 @@ KINDS = ("allocated", "reserved")
 BUDGETED_CATEGORIES = (
     Category.PARAMS, Category.GRADS, Category.OPTIMIZER, Category.BATCH, Category.ACTIVATIONS, Category.TEMPORARIES,
 )
-_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol"}
+_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol", "device"}
 MARKER_SIGNATURE = (
     "gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None)"
+    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None)"
 )
 
 
@@ -40,6 +40,8 @@ class Budget:
     leak: int | None = None      #: bytes a test may still hold after it ends (None: report only)
     rtol: float | bool | None = None  #: allowed relative difference from the estimate (None: ini default; False: off)
     atol: int | None = None  #: bytes below which a difference from the estimate never fails (None: ini default)
+    share: float | None = None  #: total as a share of the device's memory ("90%"), until ``with_device_total``
+    device: str | None = None   #: the GPU the emulation predicts for this test (None: --gpumem-device)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,7 +53,18 @@ class Budget:
 
     @property
     def is_empty(self) -> bool:
-        return self.total is None and not self.categories
+        return self.total is None and self.share is None and not self.categories
+
+    def with_device_total(self, device_name: str | None, device_memory: int | None) -> "Budget":
+        """This budget with a share of device memory ("90%") turned into bytes of ``device_memory``;
+        BudgetError when no device is known."""
+        if self.share is None:
+            return self
+        if device_memory is None:
+            raise BudgetError(
+                f"total={format_percent_plain(self.share)} is a share of the GPU's memory, and no GPU is known: "
+                "name one with device='H100' on the marker or --gpumem-device, or run on the cuda backend")
+        return replace(self, total=int(self.share * device_memory), share=None, device=self.device or device_name)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
@@ -95,6 +108,31 @@ def parse_size(value: Any) -> int:
     return _size("", value)
 
 
+def parse_share(name: str, value: Any) -> float | None:
+    """A share of device memory from '90%' (0.9); None when ``value`` is not a percentage; BudgetError
+    for a share outside (0, 100]."""
+    if not (isinstance(value, str) and value.strip().endswith("%")):
+        return None
+    where = f"{name}={value!r}: " if name else f"{value!r}: "
+    try:
+        share = float(value.strip()[:-1]) / 100
+    except ValueError:
+        raise BudgetError(f"{where}expected a share of the GPU's memory such as '90%'") from None
+    if not 0 < share <= 1:
+        raise BudgetError(f"{where}a share of the GPU's memory must be above 0% and at most 100%")
+    return share
+
+
+def format_percent_plain(share: float) -> str:
+    return f"{share * 100:g}%"
+
+
+def budget_from_total(value: Any) -> Budget:
+    """The budget of --gpumem-default-budget: a size ('2GiB') or a share of the device's memory ('90%')."""
+    share = parse_share("", value)
+    return Budget(share=share) if share is not None else Budget(total=parse_size(value))
+
+
 def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
     """Build a Budget from ``gpu_budget(...)`` arguments; BudgetError names the bad value."""
     if len(args) > 1:
@@ -108,7 +146,8 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError("sets nothing: give a total such as gpu_budget('2GB'), a per-category budget "
                           "(activations='512MiB'), leak=, rtol= or backend=")
     raw_total = args[0] if args else kwargs.get("total")
-    total = None if raw_total is None else _size("total", raw_total)
+    share = parse_share("total", raw_total)
+    total = None if raw_total is None or share is not None else _size("total", raw_total)
     categories = {
         c: _size(c.value, kwargs[c.value]) for c in BUDGETED_CATEGORIES if kwargs.get(c.value) is not None
     }
@@ -117,7 +156,7 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError(f"kind={kind!r}: expected one of {', '.join(map(repr, KINDS))}")
     if kind == "reserved" and categories:
         raise BudgetError("per-category budgets apply to allocated bytes; kind='reserved' takes only a total")
-    if kind == "reserved" and total is None:
+    if kind == "reserved" and total is None and share is None:
         raise BudgetError("kind='reserved' limits the total: give one, e.g. gpu_budget('2GB', kind='reserved')")
     backend = kwargs.get("backend")
     if backend is not None and backend not in BACKENDS:
@@ -131,7 +170,10 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
             rtol = False
     atol = kwargs.get("atol")
     atol_bytes = None if atol is None else _size("atol", atol, allow_zero=True)
-    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes)
+    device = kwargs.get("device")
+    if device is not None and not (isinstance(device, str) and device.strip()):
+        raise BudgetError(f"device={device!r}: expected a GPU name such as 'H100' or 'A100-80GB'")
+    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes, share, device)
 
 
 def parse_rtol(value: Any) -> float | None:

@@ -87,6 +87,7 @@ class TestState:
     budget: Budget | None
     backend_name: str
     budget_from_marker: bool = False  #: False: the budget is --gpumem-default-budget (or none)
+    device: Any = None  #: the target GPU's DeviceProfile (None: none named, emulation without library workspaces)
     used_fixture: bool = False
     reports: list[StepReport] = field(default_factory=list)
     estimates: dict[int, Any] = field(default_factory=dict)  #: index in ``reports`` -> its Estimate

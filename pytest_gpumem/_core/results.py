@@ -1,7 +1,7 @@
 """Result dataclasses of a measured step: per phase, per category, per step; with to_dict()/from_dict()."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from .categories import CATEGORIES, PHASES, Category, Phase
@@ -30,9 +30,14 @@ class PhaseStats:
     peak_split: dict[Category, int]  #: category mix at the phase's peak instant
     retained_split: dict[Category, int]
     reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
+    #: named parts of ``other`` at the phase's peak (library workspaces), raw bytes; the rest is allocator rounding
+    other_parts: dict[str, int] = field(default_factory=dict)
+    #: (peak, tracked bytes at it) had the libraries allocated nothing; None without library allocations.
+    #: In-process only (not in JSON): the estimate check compares the step's own bytes with it
+    without_libraries: tuple[int, int] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "phase": self.phase.value,
             "peak_bytes": self.peak,
             "retained_bytes": self.retained,
@@ -40,6 +45,9 @@ class PhaseStats:
             "peak_split": split_to_dict(self.peak_split),
             "retained_split": split_to_dict(self.retained_split),
         }
+        if self.other_parts:
+            data["other_parts"] = dict(self.other_parts)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PhaseStats":
@@ -50,6 +58,7 @@ class PhaseStats:
             peak_split=split_from_dict(data["peak_split"]),
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
+            other_parts={str(k): int(v) for k, v in (data.get("other_parts") or {}).items()},
         )
 
 
@@ -128,6 +137,20 @@ class StepReport:
     def phases(self) -> dict[Phase, PhaseStats]:
         return self.peak_step.phases
 
+    def tracked_peak(self) -> int:
+        """Tracked bytes (every category but ``other``) at the peak; with library allocations (workspaces),
+        at the peak the step would have without them, so a workspace that moves the peak's instant does not
+        change what the estimate is compared with."""
+        bare = [stats.without_libraries for _, stats in self.step_phases() if stats.without_libraries is not None]
+        if bare:
+            return max(bare)[1]
+        return self.peak - self.peak_split.get(Category.OTHER, 0)
+
+    @property
+    def other_parts(self) -> dict[str, int]:
+        """Named parts of ``other`` at the peak (library workspaces); the rest of ``other`` is allocator rounding."""
+        return dict(self.phases[self.peak_phase].other_parts) if self.peak_phase in self.phases else {}
+
     @property
     def reserved_peak(self) -> int | None:
         values = [s.reserved_peak for s in self.steps if s.reserved_peak is not None]
@@ -172,6 +195,7 @@ class StepReport:
             "reserved_peak_bytes": self.reserved_peak,
             "peak_split": split_to_dict(self.peak_split),
             "category_peaks": {c.value: self.category_peak(c) for c in CATEGORIES},
+            **({"other_parts": self.other_parts} if self.other_parts else {}),
             "steps": [s.to_dict() for s in self.steps],
             "notes": list(self.notes),
         }
@@ -238,4 +262,8 @@ def step_table(report: StepReport, *, verbose: bool = False) -> str:
     if not verbose and len(report.steps) > 1:
         title += f"; showing the {report.peak_step.label} step (-v: all {len(report.steps)} steps)"
     notes = "".join(f"\nnote: {n}" for n in report.notes)
+    parts = report.other_parts
+    if parts:
+        named = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
+        notes = f"\nother at the peak holds: {named} (the rest: allocator rounding)" + notes
     return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{notes}"

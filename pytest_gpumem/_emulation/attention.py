@@ -2,7 +2,8 @@
 saves for backward, and the scratch its backward allocates (kernel facts in _cuda_facts/attention.py)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,17 @@ from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 PROFILE = facts.TARGET
 #: one line per distinct call seen since the last take_notes(): which kernel was assumed, and why
 _NOTES: dict[str, None] = {}
+
+
+@contextlib.contextmanager
+def target_gpu(device: Any) -> Iterator[None]:
+    """Choose kernels as on ``device`` (a DeviceProfile) inside the block, instead of the default sm90."""
+    global PROFILE
+    saved, PROFILE = PROFILE, device.attention_profile(TORCH_VERSION)
+    try:
+        yield
+    finally:
+        PROFILE = saved
 
 
 def take_notes() -> list[str]:

@@ -8,14 +8,18 @@ Facts modelled (PyTorch's CUDACachingAllocator with default settings):
 - a free block is found best-fit in its pool; the remainder of a split block stays free when it is
   >= 512 B (small pool) or > 1 MiB (large pool); freed blocks merge with free neighbours;
 - segments are kept (reserved) until ``empty_cache``, which the step never calls.
-Not modelled: streams, ``max_split_size_mb``/``roundup_power2_divisions``, expandable segments,
-and the garbage-collection threshold; so reserved figures are a prediction, allocated ones exact.
+With ``AllocatorSettings`` (``_cuda_facts/allocator_settings.py``): ``max_split_size_mb``,
+``max_non_split_rounding_mb`` and ``roundup_power2_divisions`` as CUDACachingAllocator.cpp applies them.
+Not modelled (the emulated backend refuses them): expandable segments, the garbage-collection threshold,
+cudaMallocAsync; nor streams. Reserved figures are a prediction, allocated ones exact.
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from .._cuda_facts.allocator_settings import AllocatorSettings
 
 BLOCK = 512
 SMALL_REQUEST = 1 << 20          # requests up to this size use the small pool
@@ -30,6 +34,13 @@ def round_allocation(nbytes: int) -> int:
     if nbytes <= 0:
         return 0
     return max(BLOCK, -(-nbytes // BLOCK) * BLOCK)
+
+
+def rounding_for(settings: AllocatorSettings | None) -> Callable[[int], int]:
+    """The request rounding under ``settings``: ``round_allocation`` itself at the defaults."""
+    if settings is None or not any(settings.divisions):
+        return round_allocation
+    return lambda nbytes: 0 if nbytes <= 0 else settings.round_size(nbytes)
 
 
 def segment_size(request: int) -> int:
@@ -70,7 +81,10 @@ class _Pool:
 class CachingAllocatorModel:
     """Replays allocations and frees (already rounded sizes) and reports reserved bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: AllocatorSettings | None = None) -> None:
+        settings = settings or AllocatorSettings()
+        self._max_split = settings.max_split_size if settings.max_split_size is not None else float("inf")
+        self._non_split = settings.max_non_split_rounding
         self.reserved = 0
         self.peak_reserved = 0
         self.allocated = 0
@@ -85,6 +99,8 @@ class CachingAllocatorModel:
         small = size <= SMALL_REQUEST
         pool = self._pools[small]
         found = pool.best_fit(size)
+        if found is not None and not small and not self._may_take(size, found[0]):
+            found = None  # get_free_block refuses its best fit: a new segment instead
         if found is None:
             seg = len(self._segments)
             seg_size = segment_size(size)
@@ -98,7 +114,7 @@ class CachingAllocatorModel:
             block = self._segments[seg][offset]
             pool.remove(block)
         remaining = block.size - size
-        if remaining >= BLOCK if small else remaining > SMALL_REQUEST:
+        if remaining >= BLOCK if small else (size < self._max_split and remaining > SMALL_REQUEST):
             rest = _Block(block.segment, block.offset + size, remaining)
             self._segments[block.segment][rest.offset] = rest
             pool.add(rest)
@@ -106,6 +122,13 @@ class CachingAllocatorModel:
         block.free = False
         self._owned[key] = block
         self.allocated += block.size
+
+    def _may_take(self, size: int, block_size: int) -> bool:
+        """get_free_block with max_split_size: no oversize block for a smaller request, and an oversize
+        request wastes less than max_non_split_rounding (always true at the defaults)."""
+        if size < self._max_split:
+            return block_size < self._max_split
+        return block_size < size + self._non_split
 
     def free(self, key: int) -> None:
         block = self._owned.pop(key, None)

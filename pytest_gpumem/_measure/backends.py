@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from .allocator import CachingAllocatorModel, replay_allocations, round_allocation
+from .allocator import CachingAllocatorModel, replay_allocations, round_allocation, rounding_for
 from .._core.categories import BACKENDS, Category, Phase  # noqa: F401  (BACKENDS re-exported)
 from .._core.results import PhaseStats
 from .tracker import Kernel, PhaseReplay, StorageTracker, no_rounding
@@ -142,10 +142,39 @@ class EmulatedBackend(Backend):
 
     name: str = "emulated"
     device: torch.device = field(default_factory=lambda: torch.device("meta"))
+    #: the GPU predicted (a DeviceProfile); None: none named, so library workspaces are left out (a note says so)
+    profile: Any = None
+    #: the environment of the CUDA process predicted (allocator settings, CUBLAS_WORKSPACE_CONFIG...); None: os.environ
+    environment: Any = None
+    #: PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF as the allocator model applies them (read when built)
+    allocator_settings: Any = None
+    _libraries: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.allocator_settings is None:
+            from .._cuda_facts.allocator_settings import from_environment
+
+            # UnsupportedAllocatorSettings names what is not modelled
+            self.allocator_settings = from_environment(self.environment)
+        if not self.allocator_settings.is_default:
+            self.notes.append(f"allocator settings modelled: {self.allocator_settings.source}")
+
+    def make_tracker(self) -> StorageTracker:
+        from .._emulation.library_allocations import LibraryAllocations
+
+        tracker = super().make_tracker()
+        libraries = LibraryAllocations(self.profile, self.environment)
+        self._libraries.append(libraries)
+        tracker.after_op = libraries
+        return tracker
 
     @property
     def rounding(self) -> Callable[[int], int]:
-        return round_allocation
+        return rounding_for(self.allocator_settings)
+
+    @property
+    def models_caching_allocator(self) -> bool:
+        return True
 
     @property
     def kernel_shortcuts(self) -> Callable[[Any], Kernel | None] | None:
@@ -154,6 +183,8 @@ class EmulatedBackend(Backend):
         return kernel_for
 
     def describe(self) -> str:
+        if self.profile is not None:
+            return f"{self.profile.name} (emulated on meta tensors)"
         return "cuda (emulated on meta tensors)"
 
     def make_value_mode(self):
@@ -169,7 +200,11 @@ class EmulatedBackend(Backend):
         for each distinct call) join the report's notes when the context exits."""
         from .. import _emulation as emulation
 
+        from .._emulation import attention
+
         stack = contextlib.ExitStack()
+        if self.profile is not None:
+            stack.enter_context(attention.target_gpu(self.profile))
         stack.enter_context(emulation.cuda_semantics())
         stack.callback(self._take_kernel_notes)
         return stack
@@ -178,6 +213,8 @@ class EmulatedBackend(Backend):
         from .._emulation import attention
 
         self.notes.extend(note for note in attention.take_notes() if note not in self.notes)
+        for libraries in self._libraries:
+            self.notes.extend(note for note in libraries.notes if note not in self.notes)
 
     def optimizer_context(self, optimizer) -> contextlib.AbstractContextManager:
         from .. import _emulation as emulation
@@ -235,7 +272,8 @@ class EmulatedBackend(Backend):
         1 MiB would remain, so allocated bytes can exceed the 512-B-rounded request; that surplus is
         ``other``, as on a real GPU.
         """
-        after = list(replay_allocations(tracker.allocation_events(), CachingAllocatorModel()))
+        self._take_kernel_notes()
+        after = list(replay_allocations(tracker.allocation_events(), CachingAllocatorModel(self.allocator_settings)))
         allocated_after = [allocated for allocated, _ in after]
         reserved_after = [reserved for _, reserved in after]
         stats = []
@@ -309,7 +347,8 @@ def _with_allocator_figures(r: PhaseReplay, peak: int, retained: int, reserved: 
     peak_split[Category.OTHER] += peak - r.peak
     retained_split = dict(r.retained_split)
     retained_split[Category.OTHER] += retained - r.retained
-    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved)
+    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved, dict(r.peak_parts),
+                      r.without_libraries)
 
 
 def warm_up_cuda(device: torch.device) -> None:
@@ -340,11 +379,14 @@ def cuda_device_for_worker(worker_id: str | None) -> torch.device:
     return torch.device("cuda", int(worker_id[2:]) % count)
 
 
-def make_backend(name: str | None, *, cuda_device: torch.device | None = None) -> Backend:
-    """Build the backend named ``name`` ('auto' picks cuda when a GPU is present, else emulated)."""
+def make_backend(name: str | None, *, cuda_device: torch.device | None = None, device: Any = None) -> Backend:
+    """Build the backend named ``name`` ('auto' picks cuda when a GPU is present, else emulated); ``device``
+    (a GPU name or DeviceProfile) is the GPU the emulated backend predicts."""
     resolved = resolve_backend_name(name)
     if resolved == "cuda":
         return CudaBackend(device=cuda_device or torch.device("cuda", torch.cuda.current_device()))
     if resolved == "emulated":
-        return EmulatedBackend()
+        from .._emulation.devices import resolve
+
+        return EmulatedBackend(profile=resolve(device))
     return CpuBackend()

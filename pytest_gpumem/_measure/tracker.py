@@ -9,7 +9,7 @@ phase retained. Views share a storage, so they count once.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -70,6 +70,9 @@ class PhaseReplay:
     retained: int
     retained_split: dict[Category, int]
     events: tuple[int, int]  #: [first, last) event indices, for allocator models
+    peak_parts: dict[str, int] = field(default_factory=dict)  #: named parts of ``other`` at the peak
+    #: with library allocations: (peak, tracked bytes at it) of the same log without them, else None
+    without_libraries: tuple[int, int] | None = None
 
 
 class StorageTracker(TorchDispatchMode):
@@ -94,6 +97,9 @@ class StorageTracker(TorchDispatchMode):
         self._closed = False
         #: called before every op; ``track()`` uses it to notice that autograd's backward began
         self.on_dispatch: Callable[[], None] | None = None
+        #: called after every op with (tracker, func, args, kwargs); the emulated backend adds library workspaces
+        self.after_op: Callable[[StorageTracker, Any, tuple, dict], None] | None = None
+        self._parts: dict[int, str] = {}  # key -> its named part of ``other`` (library allocations)
 
     # -- recording ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -110,12 +116,24 @@ class StorageTracker(TorchDispatchMode):
             out = func(*args, **kwargs) if kernel is None else kernel(func, args, kwargs)
         if isinstance(out, torch.Tensor):  # most ops: skip flattening
             self.observe(out)
-            return out
-        flat, _ = tree_flatten(out)
-        for item in flat:
-            if isinstance(item, torch.Tensor):
-                self.observe(item)
+        else:
+            flat, _ = tree_flatten(out)
+            for item in flat:
+                if isinstance(item, torch.Tensor):
+                    self.observe(item)
+        if self.after_op is not None:
+            self.after_op(self, func, args, kwargs)
         return out
+
+    def library_allocation(self, part: str, nbytes: int) -> int:
+        """Record ``nbytes`` a library allocates through the caching allocator and keeps for the process
+        (a cuBLAS workspace): category ``other``, reported under the name ``part``; returns its key."""
+        key = self._next_key
+        self._next_key += 1
+        self._marks[key] = Category.OTHER
+        self._parts[key] = part
+        self._record(key, self.rounding(nbytes), nbytes)
+        return key
 
     def observe(self, tensor: torch.Tensor) -> int | None:
         """Register ``tensor``'s storage if it is on the tracked device; return its key.
@@ -231,6 +249,11 @@ class StorageTracker(TorchDispatchMode):
         peak_mix: list[int] = []
         first = 0
         alloc_index = 0
+        parts: dict[str, int] = {}
+        peak_parts: dict[str, int] = {}
+        library = 0              # rounded bytes of library allocations so far (never freed)
+        bare = (-1, 0)           # (peak, tracked bytes) without them, this phase
+        other = cat_index[Category.OTHER]
 
         def split(mix: list[int], rounded: int) -> dict[Category, int]:
             out = {c: mix[i] for i, c in enumerate(CATEGORIES)}
@@ -248,6 +271,8 @@ class StorageTracker(TorchDispatchMode):
                         retained=allocated,
                         retained_split=split(totals, allocated),
                         events=(first, alloc_index),
+                        peak_parts=dict(peak_parts),
+                        without_libraries=bare if self._parts else None,
                     )
                 )
 
@@ -255,13 +280,20 @@ class StorageTracker(TorchDispatchMode):
             if ev.key < 0:
                 close_phase()
                 current = (ev.step, ev.phase)
-                peak, peak_mix, first = allocated, list(totals), alloc_index
+                peak, peak_mix, first, peak_parts = allocated, list(totals), alloc_index, dict(parts)
+                bare = (allocated - library, sum(totals) - totals[other])
                 continue
             alloc_index += 1
             allocated += ev.delta
             idx = cat_index[self.category_of(ev.key)]
             totals[idx] += ev.raw
+            if self._parts and ev.key in self._parts:
+                name = self._parts[ev.key]
+                parts[name] = parts.get(name, 0) + ev.raw
+                library += ev.delta
             if allocated > peak:
-                peak, peak_mix = allocated, list(totals)
+                peak, peak_mix, peak_parts = allocated, list(totals), dict(parts)
+            if self._parts and allocated - library > bare[0]:
+                bare = (allocated - library, sum(totals) - totals[other])
         close_phase()
         return results

@@ -54,6 +54,7 @@ class Probe:
     peak: int
     rounding: Callable[[int], int]
     whole_blocks: bool = False  #: allocated bytes follow the caching allocator's blocks (cuda, emulated)
+    allocator_settings: Any = None  #: the emulated backend's AllocatorSettings (None: the defaults)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, bac
     inputs, target = make_batch(batch_size)
     report = measure_step(model, optimizer_factory(model.parameters()), inputs, target=target, loss_fn=loss_fn,
                           backend=be, steps=steps)
-    return Probe(batch_size, _log_of(be.trackers[-1]), report.peak, be.rounding, be.models_caching_allocator)
+    return Probe(batch_size, _log_of(be.trackers[-1]), report.peak, be.rounding, be.models_caching_allocator,
+                 getattr(be, "allocator_settings", None))
 
 
 def _estimate(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:
@@ -186,7 +188,7 @@ class StepModel:
 
         best = 0
         where = (0, "", 0)
-        allocator = CachingAllocatorModel() if self.whole_blocks else None
+        allocator = CachingAllocatorModel(self.allocator_settings) if self.whole_blocks else None
         for index, ((allocated, _), (_, phase, alloc)) in enumerate(zip(replay_allocations(events(), allocator),
                                                                          self.ops)):
             if alloc and allocated > best:
