@@ -162,6 +162,7 @@ class StepModel:
     sizes: dict[int, SizeFit]
     rounding: Callable[[int], int]
     whole_blocks: bool = False
+    allocator_settings: Any = None  #: the probes' AllocatorSettings, replayed with the same model
 
     @classmethod
     def from_probes(cls, probes: Sequence[Probe]) -> "StepModel":
@@ -172,7 +173,7 @@ class StepModel:
         raws = [{i: raw for i, _, raw in probe.ops if raw is not None} for probe in probes]
         sizes = {i: fit_size([(p.batch_size, r[i]) for p, r in zip(probes, raws)]) for i in raws[0]}
         ops = tuple((i, p, raw is not None) for i, p, raw in probes[0].ops)
-        return cls(ops, sizes, probes[0].rounding, probes[0].whole_blocks)
+        return cls(ops, sizes, probes[0].rounding, probes[0].whole_blocks, probes[0].allocator_settings)
 
     def peak(self, batch_size: int) -> tuple[int, int, str, int]:
         """(peak bytes, its op index, phase, storages live then) of a step at ``batch_size``, by replay."""
