@@ -14,12 +14,19 @@ from pytest_gpumem._core.results import PhaseStats, StepMeasurement, StepReport
 C = Category
 
 
-def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 8, *, frozen_first: bool = False, seed: int | None = None,
-        device: torch.device | str | None = None) -> nn.Sequential:
-    """Linear(d_in, hidden) -> ReLU -> Linear(hidden, d_out): (d_in + 1) * hidden + (hidden + 1) * d_out parameters."""
+def mlp(d_in: int = 32, hidden: int | tuple[int, ...] = 64, d_out: int = 8, *, frozen_first: bool = False,
+        seed: int | None = None, device: torch.device | str | None = None,
+        activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear(d_in, hidden) -> ReLU -> Linear(hidden, d_out): (d_in + 1) * hidden + (hidden + 1) * d_out parameters.
+
+    A tuple of hidden widths stacks Linear -> activation pairs (``mlp(512, (1024, 1024), 10)``)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    widths = (d_in, *((hidden,) if isinstance(hidden, int) else hidden))
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), activation()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], d_out))
     if frozen_first:
         model[0].requires_grad_(False)
     return model.to(device) if device is not None else model

@@ -92,13 +92,14 @@ def test_quadratic_memory_is_reported_and_still_answered():
         return measure_step(model, SGD(model.parameters()), inputs, target=target, backend="cpu").peak
 
     assert measured(advice.max_batch) <= advice.usable_bytes < measured(advice.max_batch + 1)
-    assert advice.max_batch == 200
+    assert advice.max_batch == 200  # the budget leaves exactly the peak of batch 200 usable (budget_for above)
 
 
 def test_nothing_fits_below_the_fixed_bytes():
-    # Budget: the parameters alone (64*256+256 + 256*256+256 + 256*10+10 = 84,746 fp32 = 338,984 B) exceed it.
+    # Budget: the parameters' own bytes (64*256+256 + 256*256+256 + 256*10+10 = 85,002 fp32 = 340,008 B); at the
+    # default safety 0.8 the usable part is 272,006 B, which the parameters alone exceed.
     n_params = sum(p.numel() for p in MLP.build().parameters())
-    assert n_params == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    assert n_params == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10 == 85_002
     advice = advise_batch_size(MLP.build, ADAM, MLP.make_batch, budget=4 * n_params, backend="cpu")
     assert advice.max_batch == 0
 
@@ -109,7 +110,9 @@ def test_model_instance_and_factory_agree_and_max_batch_size_is_the_same_answer(
     from_instance = advise_batch_size(CNN.build(), SGD, CNN.make_batch, **kwargs)
     assert from_factory.max_batch == from_instance.max_batch == max_batch_size(CNN.build, SGD, CNN.make_batch,
                                                                                  **kwargs)
-    assert from_factory.max_batch > 0
+    # the answer fits the usable bytes and one more sample does not, by measurement (2 MB x 0.8 = 1.6 MB)
+    assert from_factory.usable_bytes == 1_600_000
+    assert 0 < peak(CNN, from_factory.max_batch, SGD) <= 1_600_000 < peak(CNN, from_factory.max_batch + 1, SGD)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -132,9 +135,9 @@ def test_fit_size_lines_parabolas_and_concave_bends():
     assert (line.fixed, line.per_sample, line.linear) == (100, 10, True)
     parabola = fit_size([(2, 4 * 3 + 7), (4, 16 * 3 + 7), (8, 64 * 3 + 7)])  # 7 + 3 b^2
     assert (parabola.fixed, parabola.per_sample, parabola.per_sample_squared) == (7, 0, 3)
-    assert not parabola.linear and parabola.at(10) == 307
+    assert not parabola.linear and parabola.at(10) == 7 + 3 * 10**2  # 307
     concave = fit_size([(2, 100), (4, 140), (8, 180)])  # slopes 20 then 10: keep 20 through (8, 180)
-    assert (concave.per_sample, concave.at(8), concave.at(9)) == (20, 180, 200)
+    assert (concave.per_sample, concave.at(8), concave.at(9)) == (20, 180, 180 + 20)
 
 
 def test_step_model_rejects_probes_that_allocate_differently():

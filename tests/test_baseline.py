@@ -121,10 +121,17 @@ def test_entry_holds_peak_category_and_phase_peaks(tmp_path: Path) -> None:
     baseline = save(tmp_path / "base.json", make_record(NODE, report))
     entry = load_baseline(tmp_path / "base.json").entries[NODE]
     assert entry == baseline.entries[NODE]
-    assert entry.peak == report.peak
-    assert entry.category_peaks == {c.value: report.category_peak(c) for c in Category}
-    assert entry.phase_peaks == {p.value: max(s.phases[p].peak for s in report.steps) for p in report.phases}
-    assert entry.reserved_peak == report.reserved_peak
+    # make_report()'s sizes: params 400,000, grads 400,000, optimizer 800,000, batch 100,000, activations 1,258,291,
+    # temporaries 50,000; the steady step's forward holds all but the grads: 2,608,291 B, reserved 2 MiB above it
+    assert entry.peak == 400_000 + 800_000 + 100_000 + 1_258_291 + 50_000 == 2_608_291
+    assert entry.category_peaks == {"params": 400_000, "grads": 400_000, "optimizer": 800_000, "batch": 100_000,
+                                    "activations": 1_258_291, "temporaries": 50_000, "other": 0}
+    # per phase, the larger of the two steps: setup p+o, batch +b, forward +a+t, backward half the activations
+    # and the grads, optimizer and zero_grad p+o+b+g
+    assert entry.phase_peaks == {"setup": 1_200_000, "batch": 1_300_000, "forward": 2_608_291,
+                                 "backward": 1_300_000 + 1_258_291 // 2 + 400_000 + 50_000,
+                                 "optimizer": 1_700_000, "zero_grad": 1_700_000}
+    assert entry.reserved_peak == 2_608_291 + 2 * MiB
 
 
 def test_merge_keeps_entries_not_measured_again(tmp_path: Path) -> None:
@@ -157,7 +164,8 @@ def test_grown_category_finding_has_exact_bytes_and_fraction(tmp_path: Path) -> 
     result = check_regression(NODE, new, baseline, parse_regression_spec("activations:10%"))
     assert result.failed and len(result.grown) == 1
     finding = result.grown[0]
-    before, after = old.category_peak(Category.ACTIVATIONS), new.category_peak(Category.ACTIVATIONS)
+    before, after = 3 * MiB, 4 * MiB  # the activations each report was built with
+    assert (old.category_peak(Category.ACTIVATIONS), new.category_peak(Category.ACTIVATIONS)) == (before, after)
     assert (finding.scope, finding.baseline, finding.now) == ("activations", before, after)
     assert finding.growth == after - before
     assert finding.fraction == pytest.approx((after - before) / before)
@@ -310,4 +318,4 @@ def test_failed_write_keeps_the_old_baseline(tmp_path: Path, monkeypatch: pytest
     monkeypatch.undo()
     assert sha(path) == digest
     assert [p.name for p in tmp_path.iterdir()] == ["base.json"]
-    assert load_baseline(path).entries[NODE].category_peaks["activations"] == make_report().category_peak(Category.ACTIVATIONS)
+    assert load_baseline(path).entries[NODE].category_peaks["activations"] == 1_258_291  # make_report()'s, not 9 MiB

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpumem_factories import mlp
 from pytest_gpumem import measure_step
 from pytest_gpumem._estimate import estimate_step
 from pytest_gpumem._tools.contradiction import DEFAULT_ATOL, compare
 
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return mlp(512, (1024, 1024), 10, seed=0)  # Linear-ReLU-Linear-ReLU-Linear
 
 
 def _both(model, batch, target=None, loss_fn=None, steps=3, opt=None):

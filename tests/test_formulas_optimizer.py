@@ -86,8 +86,10 @@ def test_grad_scaler_tensors_are_4_byte_scalars_with_one_found_inf_per_device():
 
     one, two = grad_scaler_tensors(), grad_scaler_tensors(devices=2)
     assert one.kept == (4, 4)                          # _scale fp32 + _growth_tracker int32
-    assert sum(one.unscale) == 16 and sum(two.unscale) == 24  # inv_scale, found_inf + a copy of each per device
-    assert two.step == (4, 4)
+    # unscale_: inv_scale and found_inf, plus a copy of each per device, 4 B each: (2 + 2 x 1) x 4 = 16 B on one
+    # device, (2 + 2 x 2) x 4 = 24 B on two
+    assert sum(one.unscale) == (2 + 2 * 1) * 4 and sum(two.unscale) == (2 + 2 * 2) * 4
+    assert two.step == (4, 4)                          # one 4-B found_inf per device, read by step()
 
 
 TEMPORARY_CONFIGS = CONFIGS + [

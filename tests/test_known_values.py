@@ -105,8 +105,12 @@ def test_finiteness_checks_on_unknown_values_pass():
 def test_clip_grad_norm_with_error_if_nonfinite_runs_on_unknown_grads():
     p = nn.Parameter(torch.empty(10, device=META))
     p.grad = torch.empty(10, device=META)
-    with KnownValues():
-        torch.nn.utils.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    with KnownValues() as mode:
+        total = torch.nn.utils.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    assert total.device == META and total.shape == ()  # the norm is computed, its value stays unknown
+    # the one read is clip_grad's finiteness check, answered "not nan/inf" and noted with its line
+    (note,) = mode.notes
+    assert "clip_grad.py:" in note and "answered as if its elements were False" in note
 
 
 def test_selections_on_unknown_values_keep_every_element_and_note_an_upper_bound():
@@ -198,8 +202,11 @@ def test_a_model_branching_on_its_padding_mask_runs_emulated_with_the_cpu_figure
     cpu, emu = reports["cpu"], reports["emulated"]
     assert [n for n in emu.notes if n not in LIBRARY_NOTES] == []   # nothing read (no GPU named: the workspace note)
     # (optimizer state differs by Adam's 0-d 'step' counters: on CUDA they stay on the host, uncounted)
+    # params and grads: Embedding(50, 16) + Linear(16, 3) = 800 + 48 + 3 = 851 fp32 = 3,404 B; the batch: ids and
+    # mask 2 x 8 int64 each and the 2 int64 labels = (16 + 16 + 2) x 8 = 272 B
+    closed_form = {Category.PARAMS: 851 * 4, Category.GRADS: 851 * 4, Category.BATCH: (16 + 16 + 2) * 8}
     for category in (Category.PARAMS, Category.GRADS, Category.BATCH):
-        assert emu.category_peak(category) == cpu.category_peak(category)
+        assert emu.category_peak(category) == cpu.category_peak(category) == closed_form[category], category
     # the gathered (14 real tokens, 16) fp32 activations exist on both: same activations in raw bytes
     assert emu.steps[1].phases[Phase.FORWARD].retained_split[Category.ACTIVATIONS] == \
         cpu.steps[1].phases[Phase.FORWARD].retained_split[Category.ACTIVATIONS]

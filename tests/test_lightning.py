@@ -48,5 +48,8 @@ def test_training_step_of_a_lightning_module_is_measured(backend):
     assert n_params == 1669
     step = report.steps[-1]
     assert step.phases[Phase.BACKWARD].retained_split[Category.GRADS] == 4 * n_params
-    assert step.phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] >= 2 * 4 * n_params  # AdamW moments
-    assert report.category_peak(Category.BATCH) == 32 * 20 * 4 + 32 * 8
+    # AdamW's two fp32 moments per parameter, plus on the cpu a 0-d fp32 `step` for each of the 4 parameter tensors
+    # (on CUDA, the emulated backend's device, the counters stay on the host)
+    counters = 4 * 4 if backend == "cpu" else 0
+    assert step.phases[Phase.OPTIMIZER].retained_split[Category.OPTIMIZER] == 2 * 4 * n_params + counters
+    assert report.category_peak(Category.BATCH) == 32 * 20 * 4 + 32 * 8  # x: 32 x 20 fp32, y: 32 int64

@@ -30,6 +30,11 @@ def test_document_has_schema_session_and_every_figure_per_test() -> None:
     assert [t["nodeid"] for t in doc["tests"]] == ["t.py::test_a", "t.py::test_b"]
     entry = doc["tests"][1]
     assert entry["peak_bytes"] == report.peak
+    # make_report()'s sizes: the steady forward holds params 400,000 + optimizer 800,000 + batch 100,000 +
+    # activations 1,258,291 + temporaries 50,000 B
+    assert entry["peak_bytes"] == 2_608_291 and entry["peak_phase"] == "forward"
+    assert entry["category_peaks"] == {"params": 400_000, "grads": 400_000, "optimizer": 800_000, "batch": 100_000,
+                                       "activations": 1_258_291, "temporaries": 50_000, "other": 0}
     assert entry["peak_phase"] == report.peak_phase.value
     assert entry["category_peaks"] == {c.value: report.category_peak(c) for c in Category}
     assert entry["peak_split"] == {c.value: report.peak_split.get(c, 0) for c in Category}
@@ -64,7 +69,8 @@ def test_git_commit_inside_a_repository(tmp_path: Path) -> None:
     run("add", "f")
     run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
     commit = git_commit(tmp_path)
-    assert commit is not None and len(commit) == 40
+    assert commit == run("rev-parse", "HEAD").stdout.decode().strip()  # git's own answer
+    assert len(commit) == 40
 
 
 def test_git_commit_without_git(monkeypatch: pytest.MonkeyPatch) -> None:

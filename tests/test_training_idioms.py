@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpumem_factories import mlp as make_mlp
 from pytest_gpumem import estimate_step, measure_step
 from pytest_gpumem._core.categories import Category, Phase
 from pytest_gpumem._core.step_calls import COMPILED_NOTE
@@ -19,8 +20,7 @@ BACKENDS = ("cpu", "emulated")
 
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    return make_mlp(16, 32, 4, activation=nn.Tanh, seed=0)  # (16 + 1) * 32 + (32 + 1) * 4 = 676 parameters
 
 
 def storage_bytes(tensors) -> int:
