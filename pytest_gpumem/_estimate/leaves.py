@@ -218,7 +218,9 @@ def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:
     if c.module is not None:
         return ()
     best: tuple[int, ...] = ()
-    for _, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
+    for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
+        if op in trace.passthrough:
+            continue  # an add or a view hands its output's grad on as its inputs' grads: nothing new
         sizes: dict[int, int] = {}
         for _, t, kind in group:
             k = _storage_key(t)

@@ -17,7 +17,7 @@ from .optimizer_figures import _foreign_params, _has_rule, _optimizer_figures, _
 from .plugins import plugin_manager
 from .results import Estimate
 from .saves import _Save, _saves
-from .storages import _nbytes, _storage_key, _tensors
+from .storages import _nbytes, _storage_key, _tensors, held_by
 from .replay import StepFigures, StepReplay
 from .trace import _Trace, trace_step
 
@@ -81,6 +81,16 @@ def estimate_step(
     )
 
 
+def _output_keep(trace: _Trace, saved_keys: set[int]) -> int:
+    """Bytes the model's output keeps alive from forward's end to backward's end that no one saves: its tensors,
+    and the storages held by objects in it (a KV cache) that are not parameters or the batch."""
+    skip = saved_keys | trace.batch_keys
+    keep = sum(_nbytes(t) for t in _tensors(trace.output) if _storage_key(t) not in skip)
+    pytree = {_storage_key(t) for t in _tensors(trace.output)}
+    extra = {_storage_key(t): t.untyped_storage().nbytes() for t in held_by(trace.output)}
+    return keep + sum(n for k, n in extra.items() if k not in pytree and k not in skip and k not in trace.param_keys)
+
+
 def _trace_notes(trace: _Trace) -> list[str]:
     notes: list[str] = []
     if trace.user_autocast is not None:
@@ -120,8 +130,8 @@ def _step_figures(model: nn.Module, optimizer: Any, batch: Any, target: Any, tra
         batch=(sum(batch_storages), sum(map(rnd, batch_storages))),
         optimizer=(opt_raw, opt_alloc), optimizer_temps=temps, eager_state=eager,
         saves=saves, leaves=_leaves(trace, saves, covered, grads_of, accum_of),
-        out_keep=sum(_nbytes(t) for t in _tensors(trace.output)
-                     if _storage_key(t) not in saved_keys | trace.batch_keys),
+        out_keep=_output_keep(trace, saved_keys),
+        held_saves=frozenset(_storage_key(t) for t in held_by(trace.output)) & saved_keys,
         loss=sum(_nbytes(t) for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
         optimizer_program=program,
     )

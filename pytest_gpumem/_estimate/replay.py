@@ -66,6 +66,9 @@ class StepFigures:
     loss: int
     scaler: Any = None               #: grad_scaler_tensors() when a GradScaler scales, else None
     region_saves: dict[int, list[_Save]] = field(default_factory=dict)
+    #: saved storages the model's output also holds (the step keeps the output until backward ends): not freed
+    #: when backward passes their save, but when backward ends
+    held_saves: frozenset = frozenset()
     #: step -> the optimizer phase's events, for a rule with a program (LBFGS); None: state and temporaries
     optimizer_program: Callable[[int], list["Event"]] | None = None
 
@@ -166,10 +169,13 @@ class StepReplay:
             live.observe(self.items(T, sc.backward_start))
         self._remaining = sorted(f.saves, key=lambda s: s.position)
         self._recomputed: set[int] = set()
+        self._held: list[_Save] = []
         for i in range(len(f.leaves) - 1, -1, -1):
             self._backward_leaf(i, grads_present)
         while self._remaining:
             self._free(self._remaining.pop())
+        for s in self._held:
+            self._free(s, ending=True)
         live.add(T, -(f.out_keep + 2 * f.loss), -(rnd(f.out_keep) + 2 * rnd(f.loss)))
         if sc is not None:
             self.add_all(self.items(T, sc.backward, -1))
@@ -179,9 +185,12 @@ class StepReplay:
             live.add(Category.GRADS, missing, missing if f.device == "cpu" else rnd(missing))
         live.observe()
 
-    def _free(self, s: _Save) -> None:
-        """Backward is past ``s``'s first save: it is freed (a region save only if it was recomputed)."""
-        if s.region is None:
+    def _free(self, s: _Save, *, ending: bool = False) -> None:
+        """Backward is past ``s``'s first save: it is freed (a region save only if it was recomputed; one the
+        output holds only when backward ends)."""
+        if s.region is None and s.key in self.f.held_saves and not ending:
+            self._held.append(s)
+        elif s.region is None:
             self.live.add(Category.ACTIVATIONS, -s.raw, -s.alloc)
         elif s.region in self._recomputed:
             self.live.add(T, -s.raw, -s.alloc)

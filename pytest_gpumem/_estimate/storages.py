@@ -1,7 +1,10 @@
 """Tensor helpers of the estimate: storage identity, the tensors in a pytree, byte sizes."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from .._compat import storage_key
 from .._core.tensors import tensors_in as _tensors
@@ -13,3 +16,31 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def held_by(obj: Any, depth: int = 8) -> list[torch.Tensor]:
+    """Every tensor ``obj`` keeps alive: its pytree leaves and, a few levels deep, the attributes of the objects
+    among them (a Hugging Face output's ``past_key_values`` cache keeps each layer's keys and values)."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def visit(o: Any, left: int) -> None:
+        if isinstance(o, torch.Tensor):
+            found.setdefault(id(o), o)
+            return
+        if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, bool, type, nn.Module)) or o is None:
+            return
+        seen.add(id(o))
+        if isinstance(o, dict):
+            values = list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            values = list(o)
+        else:
+            values = list(getattr(o, "__dict__", {}).values())
+        for v in values:
+            visit(v, left - 1)
+
+    for t in _tensors(obj):
+        found.setdefault(id(t), t)
+    visit(obj, depth)
+    return list(found.values())
