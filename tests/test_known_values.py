@@ -147,6 +147,16 @@ def test_a_selection_mask_rebuilt_from_assumed_indices_stays_exact():
     assert sampled.numel() == int(mode.value_of(mask).sum())
 
 
+def test_factories_like_an_unknown_tensor_have_values_only_when_cheap():
+    scores = torch.empty(5000, device=META)
+    with KnownValues() as mode:
+        mask = torch.zeros_like(scores, dtype=torch.uint8)  # a selection mask: its value comes from the shape
+        state = torch.zeros_like(scores)  # 5000 floats, like an optimizer's exp_avg: no host copy kept
+        ones = scores.new_ones(3)
+    assert mode.value_of(mask).tolist() == [0] * 5000 and mode.value_of(ones).tolist() == [1.0] * 3
+    assert mode.value_of(state) is None
+
+
 def test_shape_deciding_op_without_a_bound_fails_naming_op_line_and_way_out():
     w = torch.empty(8, device=META)
     with KnownValues():

@@ -33,7 +33,8 @@ naming the op and the code line. Where the value decides a shape, two policies:
 - **fail** where no bound exists (``unique``, ``repeat_interleave`` with tensor repeats): it raises
   :class:`UnknownValueError` naming the op, the line and the way out (``backend="cpu"``).
 
-``*_like`` and ``new_*`` factories (``zeros_like(scores)``) take their value from the shape alone.
+``*_like`` and ``new_*`` factories (``zeros_like(scores, dtype=uint8)``) take their value from the shape alone
+when the result is integer, bool or small (never a parameter-sized ``zeros_like`` of optimizer state).
 """
 from __future__ import annotations
 
@@ -348,8 +349,8 @@ class KnownValues(TorchDispatchMode):
     def _from_shape(self, func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         """The value of a ``*_like`` / ``new_*`` factory: the same op on a CPU stand-in of the input."""
         source = args[0]
-        if not _is_meta(out) or out.numel() > self.limit:
-            return
+        if not _is_meta(out) or out.numel() > self.limit or not self.worth_seeding(out):
+            return  # integer/bool masks and small tensors only: never a parameter-sized optimizer state
         stand_in = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype)
         cpu_kwargs = {k: _to_cpu_device(v) for k, v in kwargs.items()}
         self.remember(out, func(stand_in, *args[1:], **cpu_kwargs), owned=True)
