@@ -126,6 +126,8 @@ class GpuMem:
         from ._tools.advisor import max_batch_size
 
         kwargs.setdefault("backend", self.backend)
+        if self._state.device is not None and self.backend == "emulated":
+            kwargs.setdefault("device", self._state.device)  # the budget may be a share of this GPU's memory
         if "budget" not in kwargs and self._state.budget is not None and self._state.budget.total is not None:
             kwargs["budget"] = self._state.budget.total
         value = max_batch_size(*args, **kwargs)

@@ -248,3 +248,18 @@ def test_the_estimate_chooses_attention_kernels_for_the_named_gpu():
     # cuDNN attention on an H100 saves a (B, H, L, 1) fp32 softmax stat where the memory-efficient kernel keeps a
     # logsumexp padded to 32 rows, (B, H, round32(L)): 2 x 4 x (224 - 200) x 4 B = 768 B more on the V100
     assert on_h100.category_peak(Category.ACTIVATIONS) == saved - 2 * 4 * (224 - 200) * 4
+
+
+def test_the_batch_size_advisor_counts_the_named_gpus_workspaces():
+    """Every probe on an A100 holds 8,519,680 x 2 + 1,048,576 B of workspaces: a fixed cost the fitted line
+    carries, so the same budget fits fewer samples."""
+    from pytest_gpumem import advise_batch_size
+
+    def build():
+        return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    args = (build, lambda p: torch.optim.SGD(p, lr=0.1), lambda b: (torch.randn(b, 256), torch.randint(0, 10, (b,))))
+    plain = advise_batch_size(*args, budget="40MiB", safety=1.0, backend="emulated")
+    a100 = advise_batch_size(*args, budget="40MiB", safety=1.0, backend="emulated", device="A100")
+    assert a100.fixed_bytes - plain.fixed_bytes == 2 * OLDER + LT == 18_087_936
+    assert a100.max_batch < plain.max_batch

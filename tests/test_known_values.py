@@ -239,7 +239,8 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
 def forward_temporaries(model: nn.Module, x: torch.Tensor, backend: str) -> tuple[int, tuple[str, ...]]:
     """The steady step's forward temporaries at their peak, and the notes (lr 0: every step sees these weights)."""
     report = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, backend=backend)
-    return report.steps[-1].phases[Phase.FORWARD].peak_split[Category.TEMPORARIES], report.notes
+    notes = tuple(n for n in report.notes if n not in LIBRARY_NOTES)  # (no GPU named: the workspace note aside)
+    return report.steps[-1].phases[Phase.FORWARD].peak_split[Category.TEMPORARIES], notes
 
 
 def test_a_selection_on_parameter_data_is_measured_at_its_upper_bound_with_a_note_naming_the_line():

@@ -9,8 +9,10 @@ frontend's (not modelled), and the memory-efficient backward's workspace (its gr
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +64,20 @@ class GpuProfile:
         return self.torch >= (2, 9) and self.sm[0] in (9, 10) and self.cudnn > 91500
 
 
-#: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN
+#: the target GPU: an H100/H200 (sm90) running this process's torch release with its cuDNN, unless
+#: ``target_gpu`` names another for a block (the emulation and the estimate both read it at each call)
 TARGET = GpuProfile(sm=(9, 0), torch=TORCH_VERSION)
+
+
+@contextlib.contextmanager
+def target_gpu(profile: GpuProfile) -> Iterator[None]:
+    """Choose kernels as on ``profile`` inside the block (--gpumem-device, gpu_budget(device=...))."""
+    global TARGET
+    saved, TARGET = TARGET, profile
+    try:
+        yield
+    finally:
+        TARGET = saved
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ saves for backward, and the scratch its backward allocates (kernel facts in _cud
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,20 +13,14 @@ from .._compat import (cuda_cudnn_attention, cuda_efficient_attention, cuda_flas
 from .._cuda_facts import attention as facts
 from .substitutions import Proceed, Substitution, _arg, _on_meta, _register
 
-PROFILE = facts.TARGET
 #: one line per distinct call seen since the last take_notes(): which kernel was assumed, and why
 _NOTES: dict[str, None] = {}
 
 
-@contextlib.contextmanager
-def target_gpu(device: Any) -> Iterator[None]:
-    """Choose kernels as on ``device`` (a DeviceProfile) inside the block, instead of the default sm90."""
-    global PROFILE
-    saved, PROFILE = PROFILE, device.attention_profile(TORCH_VERSION)
-    try:
-        yield
-    finally:
-        PROFILE = saved
+def target_gpu(device: Any) -> contextlib.AbstractContextManager:
+    """Choose kernels as on ``device`` (a DeviceProfile) inside the block, instead of the default sm90; the
+    estimate reads the same target (_cuda_facts/attention.py)."""
+    return facts.target_gpu(device.attention_profile(facts.TARGET.torch))
 
 
 def take_notes() -> list[str]:
@@ -63,7 +57,7 @@ def _cuda_attention(func: Callable, args: tuple, kwargs: dict, proceed: Proceed)
         return proceed(args, kwargs)
     call = facts.describe_call(q, k, v, mask, dropout_p, is_causal, enable_gqa)
     enabled = facts.Enabled(**sdp_backends_enabled(), deterministic=torch.are_deterministic_algorithms_enabled())
-    choice = facts.choose(call, PROFILE, enabled)
+    choice = facts.choose(call, facts.TARGET, enabled)
     _NOTES.setdefault(choice.describe(call))
     if choice.kernel == facts.FLASH:
         out = cuda_flash_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)

@@ -52,9 +52,12 @@ class LibraryAllocations:
         self.env = env
         self._done: set[tuple[str, str]] = set()
         self.notes: dict[str, None] = {}
+        self._names: dict[Any, str] = {}  # op -> its name (called after every op: look each up once)
 
     def __call__(self, tracker: Any, func: Any, args: tuple, kwargs: dict) -> None:
-        name = _name(func)
+        name = self._names.get(func)
+        if name is None:
+            name = self._names[func] = _name(func)
         if name in facts.CUBLAS_OPS:
             thread = AUTOGRAD if running_backward() else MAIN
             self._workspace(tracker, "cuBLAS", thread, self.cublas)

@@ -112,12 +112,13 @@ def _log_of(tracker: StorageTracker) -> tuple[Op, ...]:
     return tuple(ops)
 
 
-def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps) -> Probe:
+def _measure(model_or_factory, optimizer_factory, make_batch, batch_size, *, backend, loss_fn, steps,
+             device=None) -> Probe:
     """One measured step at ``batch_size`` with its allocation log (taken when the backend replays it)."""
     from .._measure.backends import make_backend
     from .._measure.step import measure_step  # local: the advisor sits beside step, importing it only when measuring
 
-    be = make_backend(backend)
+    be = make_backend(backend, device=device)  # a named GPU: its library workspaces are part of every probe
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     inputs, target = make_batch(batch_size)
     report = measure_step(model, optimizer_factory(model.parameters()), inputs, target=target, loss_fn=loss_fn,
@@ -250,11 +251,13 @@ def advise_batch_size(
     probes: Sequence[int] = DEFAULT_PROBES,
     loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
     steps: int = 2,
+    device: Any = None,
 ) -> BatchAdvice:
     """Measure (or estimate) three probe batch sizes, model every storage's size, solve for the budget.
 
     ``make_batch(batch_size)`` returns ``(inputs, target)`` (target may be None). A factory gives a fresh
     model per probe; a model instance is reused. ``method="estimate"`` fits estimate_step's peak instead.
+    ``device`` (a GPU name or DeviceProfile) is the GPU the emulated backend predicts, workspaces included.
 
     >>> advise_batch_size(lambda: nn.Linear(784, 10), lambda p: torch.optim.SGD(p, lr=0.1),
     ...                   lambda b: (torch.randn(b, 784), torch.randint(10, (b,))),
@@ -263,8 +266,9 @@ def advise_batch_size(
     """
     budget_bytes, sizes = _check(budget, safety, probes, method)
     probe_at = _measure if method == "measure" else _estimate
+    on_device = {"device": device} if method == "measure" and device is not None else {}
     runs = [probe_at(model_or_factory, optimizer_factory, make_batch, b, backend=backend, loss_fn=loss_fn,
-                     steps=steps) for b in sizes]
+                     steps=steps, **on_device) for b in sizes]
     model = StepModel.from_probes(runs)
     usable = math.floor(safety * budget_bytes)
     answer = model.max_batch(usable, start=sizes[-1])
