@@ -113,19 +113,22 @@ def test_a_convolution_says_its_workspace_is_not_included():
     assert NOTE_CONVOLUTION in report.notes
 
 
+class _SelfAttention(nn.Module):
+    """One projection as q, k and v of a 4-head bf16-friendly SDPA over (batch 2, length L, width 64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        q = self.proj(x).view(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(q, q, q).sum()
+
+
 def test_attention_kernel_follows_the_device():
     """V100 (sm70) has no flash or cuDNN attention: bf16 SDPA falls to memory-efficient attention there."""
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(64, 64, bias=False)
-
-        def forward(self, x):
-            q = self.proj(x).view(2, 16, 4, 16).transpose(1, 2)
-            return nn.functional.scaled_dot_product_attention(q, q, q).sum()
-
     def run(device):
-        model = Attn()
+        model = _SelfAttention()
         return measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(2, 16, 64),
                             loss_fn=lambda out, _: out, backend=make_backend("emulated", device=device),
                             autocast_dtype=torch.bfloat16)
@@ -220,22 +223,12 @@ def test_on_the_cuda_backend_the_gpu_present_wins_with_a_warning(monkeypatch):
 
 def test_the_estimate_chooses_attention_kernels_for_the_named_gpu():
     """The fixture runs the estimate inside target_gpu(...): on a V100 (no flash/cuDNN attention) both sides save
-    what memory-efficient attention saves. (The peaks differ on every GPU: the estimate does not count attention's
-    backward scratch yet, a known gap.)"""
+    what memory-efficient attention saves."""
     from pytest_gpumem import compare, estimate_step
     from pytest_gpumem._emulation.attention import target_gpu
 
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(64, 64, bias=False)
-
-        def forward(self, x):
-            q = self.proj(x).view(2, 200, 4, 16).transpose(1, 2)
-            return nn.functional.scaled_dot_product_attention(q, q, q).sum()
-
     torch.manual_seed(0)
-    model, x = Attn(), torch.randn(2, 200, 64)
+    model, x = _SelfAttention(), torch.randn(2, 200, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = dict(loss_fn=lambda out, _: out, autocast_dtype=torch.bfloat16)
     measured = measure_step(model, opt, x, backend=make_backend("emulated", device="V100"), **kwargs)
