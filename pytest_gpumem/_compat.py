@@ -350,3 +350,82 @@ def compiled_original(model: Any) -> Any:
 def sparse_parts(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The indices and values tensors of a sparse COO tensor, coalesced or not (no copy)."""
     return (t._indices(), t._values())
+
+
+# --- torch.distributed in one process, on meta tensors (the emulated per-rank step) ----------------------
+
+def fake_store() -> Any:
+    """A store for torch's ``"fake"`` process-group backend, whose collectives return at once and touch no data
+    (``torch.testing._internal.distributed.fake_pg.FakeStore``; torch >= 2.2, checked 2.11 and 2.14)."""
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as exc:
+        raise TorchInternalMissing("torch.testing._internal.distributed.fake_pg.FakeStore", str(exc)) from exc
+    return FakeStore()
+
+
+def wrapper_subclass_inner(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The inner tensors of a traceable wrapper subclass (a DTensor's local shard), None for other tensors.
+
+    A wrapper subclass owns no storage of its own; its bytes are those of the tensors ``__tensor_flatten__``
+    names (``torch.utils._python_dispatch.is_traceable_wrapper_subclass``; torch >= 2.1).
+    """
+    if type(t) is torch.Tensor or type(t) is nn.Parameter:
+        return None
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return None
+    names, _ = t.__tensor_flatten__()
+    return [inner for inner in (getattr(t, name) for name in names) if isinstance(inner, torch.Tensor)]
+
+
+def _fsdp2_modules() -> tuple[Any, ...]:
+    try:
+        from torch.distributed.fsdp._fully_shard import (_fsdp_collectives, _fsdp_init, _fsdp_param_group,
+                                                         _fsdp_state, _fully_shard)
+    except ImportError as exc:
+        raise TorchInternalMissing("torch.distributed.fsdp._fully_shard", str(exc)) from exc
+    return _fsdp_collectives, _fsdp_init, _fsdp_param_group, _fsdp_state, _fully_shard
+
+
+def fsdp2_meta_patches() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, replacement) that let FSDP2's ``fully_shard`` train a meta-device model.
+
+    FSDP2 takes its device from the mesh (``_get_device_from_mesh``: cpu or an accelerator), its streams and
+    events from that device's module (``_get_device_handle``, imported by name into four modules), and refuses
+    meta parameters at lazy init (``FSDPParamGroup._validate_no_meta_params``). Patched: the device is meta, its
+    handle ``torch.cpu``'s (streams and events that do nothing: the step runs in program order), meta allowed.
+    torch >= 2.6 (checked 2.11, 2.14).
+    """
+    collectives, init, param_group, state, fully_shard = _fsdp2_modules()
+    meta = torch.device("meta")
+    original = _require(init, "_get_device_handle", "torch.distributed.fsdp._fully_shard._fsdp_init")
+
+    def device_handle(device_type: str) -> Any:
+        return original("cpu" if device_type == "meta" else device_type)
+
+    group_cls = _require(param_group, "FSDPParamGroup", "torch.distributed.fsdp._fully_shard._fsdp_param_group")
+    _require(group_cls, "_validate_no_meta_params", "FSDPParamGroup")
+    patches: list[tuple[Any, str, Any]] = [(group_cls, "_validate_no_meta_params", lambda self: None)]
+    for owner in (init, fully_shard):
+        _require(owner, "_get_device_from_mesh", owner.__name__)
+        patches.append((owner, "_get_device_from_mesh", lambda mesh: meta))
+    for owner in (collectives, init, param_group, state):
+        _require(owner, "_get_device_handle", owner.__name__)
+        patches.append((owner, "_get_device_handle", device_handle))
+    return patches
+
+
+def ddp_meta_patches() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, replacement) that let ``DistributedDataParallel`` wrap a meta-device model.
+
+    Its constructor checks parameter shapes across ranks with a collective whose result it reads with
+    ``.item()`` (``torch.nn.parallel.distributed._verify_param_shape_across_processes``), which meta tensors
+    cannot answer; under the fake process group every rank is this one, so the check is skipped.
+    torch >= 1.11 (checked 2.11, 2.14).
+    """
+    import torch.nn.parallel.distributed as ddp_module
+
+    _require(ddp_module, "_verify_param_shape_across_processes", "torch.nn.parallel.distributed")
+    return [(ddp_module, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)]

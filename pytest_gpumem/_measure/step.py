@@ -44,7 +44,11 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[tor
     if optimizer is None:
         return []
     # nested too: LBFGS keeps lists of history vectors (old_dirs, old_stps) in its state
-    return tensors_in([list(state.values()) for state in optimizer.state.values()])
+    held = tensors_in([list(state.values()) for state in optimizer.state.values()])
+    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this rank's shard lives in its local optimizer
+    if isinstance(local, torch.optim.Optimizer) and local is not optimizer:
+        held += optimizer_state_tensors(local)
+    return held
 
 
 class Session:
@@ -160,6 +164,7 @@ class Session:
             if optimizer is not None:
                 optimizer = optimizer_twin(optimizer, mapping, device)
             model = twin
+        model, optimizer = self.backend.prepare(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.classify()
         return model, optimizer

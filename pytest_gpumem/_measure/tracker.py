@@ -16,7 +16,7 @@ import torch
 
 from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
-from .._compat import sparse_parts
+from .._compat import sparse_parts, wrapper_subclass_inner
 from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
@@ -29,6 +29,9 @@ _PRIORITY: dict[Category, int] = {
     Category.TEMPORARIES: 5,
     Category.OTHER: 6,
 }
+
+#: tensor types whose ops may take the backend's kernel shortcuts (a wrapper subclass such as DTensor may not)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 RoundFn = Callable[[int], int]
 Kernel = Callable[[Any, tuple, dict], Any]  #: (func, args, kwargs) -> what func(*args, **kwargs) returns
@@ -100,7 +103,7 @@ class StorageTracker(TorchDispatchMode):
         if self.on_dispatch is not None:
             self.on_dispatch()
         kwargs = kwargs or {}
-        if self._shortcuts is None:
+        if self._shortcuts is None or not _PLAIN_TYPES.issuperset(types):  # a DTensor op: its own dispatch shards it
             out = func(*args, **kwargs)
         else:
             try:
@@ -121,10 +124,14 @@ class StorageTracker(TorchDispatchMode):
         """Register ``tensor``'s storage if it is on the tracked device; return its key.
 
         A sparse COO tensor holds two storages (indices and values): both are registered, the key of its
-        values is returned; other layouts are not tracked.
+        values is returned; a wrapper subclass (DTensor) is its inner tensors; other layouts are not tracked.
         """
         if tensor.device.type != self.device_type:
             return None
+        inner = wrapper_subclass_inner(tensor)
+        if inner is not None:  # a DTensor holds no bytes itself: its local shard does
+            keys = [self.observe(part) for part in inner]
+            return keys[0] if keys else None
         if tensor.layout == torch.sparse_coo:
             parts = sparse_parts(tensor)
             keys = [self.observe(part) for part in parts]
@@ -191,6 +198,9 @@ class StorageTracker(TorchDispatchMode):
         """The key of ``tensor``'s storage if it is live and tracked."""
         if tensor.device.type != self.device_type:
             return None
+        inner = wrapper_subclass_inner(tensor)
+        if inner is not None:
+            return self.key_of(inner[0]) if inner else None
         entry = self._live.get(storage_key(tensor))
         return entry[0] if entry is not None else None
 
