@@ -18,10 +18,10 @@ KINDS = ("allocated", "reserved")
 BUDGETED_CATEGORIES = (
     Category.PARAMS, Category.GRADS, Category.OPTIMIZER, Category.BATCH, Category.ACTIVATIONS, Category.TEMPORARIES,
 )
-_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol"}
+_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol", "parallel"}
 MARKER_SIGNATURE = (
     "gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None)"
+    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, parallel=None)"
 )
 
 
@@ -40,6 +40,8 @@ class Budget:
     leak: int | None = None      #: bytes a test may still hold after it ends (None: report only)
     rtol: float | bool | None = None  #: allowed relative difference from the estimate (None: ini default; False: off)
     atol: int | None = None  #: bytes below which a difference from the estimate never fails (None: ini default)
+    #: DDP/FSDP/ZeRO strategy the test's steps run with (the budget is per rank); None: one device
+    parallel: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,7 +108,7 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError("total given both positionally and as a keyword")
     if all(v is None for v in (*args, *kwargs.values())):
         raise BudgetError("sets nothing: give a total such as gpu_budget('2GB'), a per-category budget "
-                          "(activations='512MiB'), leak=, rtol= or backend=")
+                          "(activations='512MiB'), leak=, rtol=, backend= or parallel=")
     raw_total = args[0] if args else kwargs.get("total")
     total = None if raw_total is None else _size("total", raw_total)
     categories = {
@@ -131,7 +133,13 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
             rtol = False
     atol = kwargs.get("atol")
     atol_bytes = None if atol is None else _size("atol", atol, allow_zero=True)
-    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes)
+    parallel = kwargs.get("parallel")
+    if parallel is not None and not getattr(parallel, "gpumem_strategy", False):
+        raise BudgetError(f"parallel={parallel!r}: expected DDP(world_size=...), FSDP(world_size=...) or "
+                          "ZeRO(stage=1|2, world_size=...) from pytest_gpumem (the budget is then per rank)")
+    if parallel is not None and kind == "reserved":
+        raise BudgetError("kind='reserved' is not available with parallel= (per-rank figures are allocated bytes)")
+    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes, parallel)
 
 
 def parse_rtol(value: Any) -> float | None:

@@ -1,7 +1,7 @@
 """Result dataclasses of a measured step: per phase, per category, per step; with to_dict()/from_dict()."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from .categories import CATEGORIES, PHASES, Category, Phase
@@ -21,6 +21,27 @@ def split_from_dict(data: Mapping[str, int]) -> dict[Category, int]:
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """Which rank of which layout a StepReport measured (``StepReport.parallel``)."""
+
+    strategy: str                 #: "DDP", "FSDP" or "ZeRO"
+    world_size: int
+    rank: int
+    settings: Mapping[str, Any]   #: the strategy's ``to_dict()`` (strategy and world_size included)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "world_size": self.world_size, "rank": self.rank,
+                "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RankInfo":
+        return cls(str(data["strategy"]), int(data["world_size"]), int(data["rank"]), dict(data.get("settings") or {}))
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size}, {self.strategy}"
+
+
+@dataclass(frozen=True)
 class PhaseStats:
     """What one phase of one step did to memory."""
 
@@ -30,9 +51,11 @@ class PhaseStats:
     peak_split: dict[Category, int]  #: category mix at the phase's peak instant
     retained_split: dict[Category, int]
     reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
+    #: named parts of categories at the phase's peak ("grads: gradient buckets"; distributed steps), bytes
+    peak_parts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "phase": self.phase.value,
             "peak_bytes": self.peak,
             "retained_bytes": self.retained,
@@ -40,6 +63,9 @@ class PhaseStats:
             "peak_split": split_to_dict(self.peak_split),
             "retained_split": split_to_dict(self.retained_split),
         }
+        if self.peak_parts:
+            data["peak_parts"] = dict(self.peak_parts)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PhaseStats":
@@ -50,6 +76,7 @@ class PhaseStats:
             peak_split=split_from_dict(data["peak_split"]),
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
+            peak_parts={str(k): int(v) for k, v in (data.get("peak_parts") or {}).items()},
         )
 
 
@@ -106,6 +133,7 @@ class StepReport:
     cuda_version: str | None
     steps: tuple[StepMeasurement, ...]
     notes: tuple[str, ...] = ()   #: what the backend substituted or could not see, in words
+    parallel: RankInfo | None = None  #: the rank and strategy of a data-parallel or sharded step; None: one device
 
     @property
     def peak_step(self) -> StepMeasurement:
@@ -174,6 +202,7 @@ class StepReport:
             "category_peaks": {c.value: self.category_peak(c) for c in CATEGORIES},
             "steps": [s.to_dict() for s in self.steps],
             "notes": list(self.notes),
+            **({"parallel": self.parallel.to_dict()} if self.parallel is not None else {}),
         }
 
     @classmethod
@@ -185,6 +214,7 @@ class StepReport:
             cuda_version=data.get("cuda_version"),
             steps=tuple(StepMeasurement.from_dict(s) for s in data["steps"]),
             notes=tuple(data.get("notes", ())),
+            parallel=RankInfo.from_dict(data["parallel"]) if data.get("parallel") else None,
         )
 
     def table(self, *, verbose: bool = False) -> str:
@@ -237,5 +267,15 @@ def step_table(report: StepReport, *, verbose: bool = False) -> str:
         title += f"; reserved peak {format_bytes(report.reserved_peak)} (allocator segments)"
     if not verbose and len(report.steps) > 1:
         title += f"; showing the {report.peak_step.label} step (-v: all {len(report.steps)} steps)"
+    if report.parallel is not None:
+        title = f"{report.parallel.describe()}: {title}"
     notes = "".join(f"\nnote: {n}" for n in report.notes)
-    return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{notes}"
+    return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{_parts_line(report)}{notes}"
+
+
+def _parts_line(report: StepReport) -> str:
+    """The named parts of the peak's categories (distributed steps), one line: 'parts at the peak: ...'."""
+    parts = report.phases[report.peak_phase].peak_parts
+    if not parts:
+        return ""
+    return "\nparts at the peak: " + ", ".join(f"{name} {format_bytes(n)}" for name, n in parts.items())
