@@ -364,22 +364,6 @@ def fake_store() -> Any:
     return FakeStore()
 
 
-def wrapper_subclass_inner(t: torch.Tensor) -> list[torch.Tensor] | None:
-    """The inner tensors of a traceable wrapper subclass (a DTensor's local shard), None for other tensors.
-
-    A wrapper subclass owns no storage of its own; its bytes are those of the tensors ``__tensor_flatten__``
-    names (``torch.utils._python_dispatch.is_traceable_wrapper_subclass``; torch >= 2.1).
-    """
-    if type(t) is torch.Tensor or type(t) is nn.Parameter:
-        return None
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not is_traceable_wrapper_subclass(t):
-        return None
-    names, _ = t.__tensor_flatten__()
-    return [inner for inner in (getattr(t, name) for name in names) if isinstance(inner, torch.Tensor)]
-
-
 def _fsdp2_modules() -> tuple[Any, ...]:
     try:
         from torch.distributed.fsdp._fully_shard import (_fsdp_collectives, _fsdp_init, _fsdp_param_group,

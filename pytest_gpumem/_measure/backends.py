@@ -83,11 +83,6 @@ class Backend:
     def phase_ended(self, step: int, phase: Phase) -> None:
         """Called at the end of every phase."""
 
-    def prepare(self, model, optimizer):
-        """The model and optimizer one rank trains, made from those placed on the device (a parallel strategy
-        wraps them here, inside the setup phase, so its buffers are measured); default: unchanged."""
-        return model, optimizer
-
     def after_placement(self, tracker: StorageTracker) -> None:
         """Called once the model, optimizer and batch are on the device, before the step runs."""
 

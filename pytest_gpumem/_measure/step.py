@@ -164,7 +164,6 @@ class Session:
             if optimizer is not None:
                 optimizer = optimizer_twin(optimizer, mapping, device)
             model = twin
-        model, optimizer = self.backend.prepare(model, optimizer)
         self.model, self.optimizer = model, optimizer
         self.classify()
         return model, optimizer

@@ -16,7 +16,7 @@ import torch
 
 from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
-from .._compat import sparse_parts, wrapper_subclass_inner
+from .._compat import sparse_parts
 from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
@@ -124,14 +124,10 @@ class StorageTracker(TorchDispatchMode):
         """Register ``tensor``'s storage if it is on the tracked device; return its key.
 
         A sparse COO tensor holds two storages (indices and values): both are registered, the key of its
-        values is returned; a wrapper subclass (DTensor) is its inner tensors; other layouts are not tracked.
+        values is returned; other layouts are not tracked.
         """
         if tensor.device.type != self.device_type:
             return None
-        inner = wrapper_subclass_inner(tensor)
-        if inner is not None:  # a DTensor holds no bytes itself: its local shard does
-            keys = [self.observe(part) for part in inner]
-            return keys[0] if keys else None
         if tensor.layout == torch.sparse_coo:
             parts = sparse_parts(tensor)
             keys = [self.observe(part) for part in parts]
@@ -198,9 +194,6 @@ class StorageTracker(TorchDispatchMode):
         """The key of ``tensor``'s storage if it is live and tracked."""
         if tensor.device.type != self.device_type:
             return None
-        inner = wrapper_subclass_inner(tensor)
-        if inner is not None:
-            return self.key_of(inner[0]) if inner else None
         entry = self._live.get(storage_key(tensor))
         return entry[0] if entry is not None else None
 

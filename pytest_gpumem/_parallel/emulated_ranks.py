@@ -1,0 +1,153 @@
+"""The ``emulated`` parallel runner: every rank of a DDP, FSDP2 or ZeRO step predicted in this one process.
+
+torch's own wrappers (``DistributedDataParallel``, ``fully_shard``, ``ZeroRedundancyOptimizer``) run on meta
+tensors over torch's fake process group, whose collectives return at once and move no data. Every buffer the
+wrappers allocate goes through the dispatcher (DDP's gradient buckets; FSDP2's all-gather buffers, unsharded
+parameters, reduce-scatter buffers and the next unit's backward prefetch), so the rank's tracker sees it as on
+a real rank, in program order (CUDA's side streams are not modelled: the allocator sees one stream).
+The model and optimizer are copied to meta outside the tracker, then laid out in the setup phase, so a rank
+holds its shard as after meta-device initialisation, never the whole model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import itertools
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._compat import TorchDispatchMode, ddp_meta_patches, fake_store, fsdp2_meta_patches
+from .._core.results import RankInfo, StepReport
+from .._measure.backends import Backend, CpuBackend, EmulatedBackend
+from .._measure.twins import optimizer_twin
+from .rank_step import measure_rank_step
+from .runners import ParallelStep, parallel_runner
+from .strategies import ZeRO
+
+_COPY = torch.ops.aten.copy_.default
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
+    """The default process group for the duration: torch's fake backend, this process rank ``rank``."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "a torch.distributed process group is already initialised in this process; the emulated parallel step "
+            "runs its own fake one: measure outside torchrun/init_process_group, or use backend='cpu' (gloo ranks)")
+    dist.init_process_group("fake", store=fake_store(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def echo_allreduce(state, bucket):  # unannotated: DDP checks the annotations, which this module makes strings
+    """DDP comm hook for the fake group: the bucket reduced in place, as the default all-reduce hook leaves it
+    (the fake backend's future carries no tensor, which DDP's reducer refuses)."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def _ddp_init_with_echo(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.register_comm_hook(None, echo_allreduce)
+
+    return __init__
+
+
+@contextlib.contextmanager
+def wrappers_on_meta() -> Iterator[None]:
+    """FSDP2 and DDP accept meta-device models (``_compat``), DDP all-reduces through ``echo_allreduce``;
+    every original is put back on exit."""
+    ddp = nn.parallel.DistributedDataParallel
+    patches = [*fsdp2_meta_patches(), *ddp_meta_patches(), (ddp, "__init__", _ddp_init_with_echo(ddp.__init__))]
+    saved = []
+    try:
+        for owner, attr, replacement in patches:
+            saved.append((owner, attr, owner.__dict__.get(attr, _MISSING)))
+            setattr(owner, attr, replacement)
+        yield
+    finally:
+        for owner, attr, original in reversed(saved):
+            if original is _MISSING:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+
+
+_MISSING = object()
+
+
+class RankZeroReadback(TorchDispatchMode):
+    """A collective's meta result read back into a CPU tensor leaves that tensor as it was.
+
+    DDP's reducer broadcasts its rebuilt bucket order from rank 0 through a device tensor and copies it back to
+    the CPU, which meta cannot (no data); every rank computed the same order, so keeping its own is exact.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _COPY and args[0].device.type == "cpu" and args[1].device.type == "meta":
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_twin(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Fresh meta copies of the model and optimizer, made untracked (the user's, even on meta, stay as they are)."""
+    mapping: dict[int, torch.Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in mapping:
+            data = torch.empty_like(t, device="meta")
+            mapping[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+    return copy.deepcopy(model, dict(mapping)), optimizer_twin(optimizer, mapping, torch.device("meta"))
+
+
+def measured_ranks(step: ParallelStep) -> tuple[int, ...]:
+    """The ranks whose memory differs: ZeRO-1 gives each rank other parameters' state, so all; DDP and FSDP
+    (ZeRO-2) hold equal bytes on every rank (FSDP pads every shard to the same size), so rank 0 stands for all."""
+    strategy = step.strategy
+    if isinstance(strategy, ZeRO) and strategy.stage == 1:
+        return tuple(range(strategy.world_size))
+    return (0,)
+
+
+def emulate_rank(step: ParallelStep, rank: int, backend: Backend) -> StepReport:
+    """Rank ``rank``'s StepReport, its step run in this process on meta tensors over a fake process group."""
+    with fake_world(step.strategy.world_size, rank), wrappers_on_meta(), RankZeroReadback():
+        model, optimizer = meta_twin(step.model, step.optimizer)
+        report = measure_rank_step(dataclasses.replace(step, model=model, optimizer=optimizer), rank, backend)
+    note = (f"emulated: torch's {step.strategy.name} wrappers on meta tensors over the fake process group "
+            "(collectives move no data; side streams not modelled)")
+    return dataclasses.replace(report, notes=(*report.notes, note))
+
+
+def emulate_ranks(step: ParallelStep, *, semantics: str = "cuda") -> tuple[StepReport, ...]:
+    """One StepReport per rank. ``semantics="cuda"`` predicts a GPU (CUDA kernels and caching allocator on meta);
+    ``"cpu"`` keeps the CPU's kernels and raw bytes, to compare with real gloo ranks."""
+    kinds = {"cuda": EmulatedBackend, "cpu": lambda: CpuBackend(device=torch.device("meta"))}
+    if semantics not in kinds:
+        raise ValueError(f"semantics must be one of {sorted(kinds)}, got {semantics!r}")
+    measured = {rank: emulate_rank(step, rank, kinds[semantics]()) for rank in measured_ranks(step)}
+    return tuple(measured[rank] if rank in measured else _same_as(measured[0], rank)
+                 for rank in range(step.strategy.world_size))
+
+
+def _same_as(report: StepReport, rank: int) -> StepReport:
+    """Rank 0's report for a rank that holds the same bytes (DDP, FSDP), labelled with its own rank."""
+    assert report.parallel is not None
+    info = RankInfo(report.parallel.strategy, report.parallel.world_size, rank, report.parallel.settings)
+    return dataclasses.replace(report, parallel=info,
+                               notes=(*report.notes, f"rank {rank} lays out as rank 0 does: rank 0's figures"))
+
+
+@parallel_runner("emulated")
+def run_emulated(step: ParallelStep) -> tuple[StepReport, ...]:
+    """The ``emulated`` backend's runner (CUDA semantics)."""
+    return emulate_ranks(step, semantics="cuda")
