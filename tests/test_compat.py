@@ -287,3 +287,28 @@ def test_checkpoint_infers_its_device_type_through_the_module():
     finally:
         setattr(owner, name, original)
     assert calls, _moved("torch.utils.checkpoint._infer_device_type (called through the module)")
+
+
+def test_fake_process_group_runs_collectives_on_meta_tensors():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=_compat.fake_store(), rank=0, world_size=4)
+    try:
+        shard = torch.empty(3, device="meta")
+        gathered = torch.empty(12, device="meta")  # 4 ranks x 3
+        dist.all_gather_into_tensor(gathered, shard)
+        dist.all_reduce(shard)
+        assert dist.get_world_size() == 4, _moved("the fake process-group backend")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_and_ddp_meta_patch_targets_exist_with_the_names_we_replace():
+    for owner, attr, replacement in [*_compat.fsdp2_meta_patches(), *_compat.ddp_meta_patches()]:
+        assert callable(getattr(owner, attr)), _moved(f"{getattr(owner, '__name__', owner)}.{attr}")
+        assert callable(replacement)
+    patched = {(getattr(o, "__name__", ""), a) for o, a, _ in _compat.fsdp2_meta_patches()}
+    # the device comes from the mesh in two modules, the stream handle is imported into four, meta is refused once
+    assert sum(a == "_get_device_from_mesh" for _, a in patched) == 2, _moved("FSDP2 _get_device_from_mesh")
+    assert sum(a == "_get_device_handle" for _, a in patched) == 4, _moved("FSDP2 _get_device_handle imports")

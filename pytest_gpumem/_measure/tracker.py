@@ -94,6 +94,7 @@ class StorageTracker(TorchDispatchMode):
         self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # storage_key -> (key, size, raw, ref)
         self._next_key = 0
         self._marks: dict[int, Category] = {}
+        self._ignored: dict[int, weakref.ref] = {}  #: storages that are not this measurement's, while they live
         self._closed = False
         #: called before every op; ``track()`` uses it to notice that autograd's backward began
         self.on_dispatch: Callable[[], None] | None = None
@@ -140,6 +141,8 @@ class StorageTracker(TorchDispatchMode):
             return None
         ident = storage_key(tensor)
         entry = self._live.get(ident)
+        if entry is None and ident in self._ignored:
+            return None
         raw = storage.nbytes()
         if entry is not None:
             key, size, old_raw, ref = entry
@@ -189,6 +192,14 @@ class StorageTracker(TorchDispatchMode):
                 old = self._marks.get(key)
                 if old is None or _PRIORITY[category] < _PRIORITY[old]:
                     self._marks[key] = category
+
+    def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Never register the storages of ``tensors`` while they live: they are not the measured step's (the
+        whole-model copy a sharded layout is made from, which a rank initialised on meta never holds)."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            ident = storage_key(t)
+            self._ignored[ident] = weakref.ref(storage, lambda _ref, ident=ident: self._ignored.pop(ident, None))
 
     def key_of(self, tensor: torch.Tensor) -> int | None:
         """The key of ``tensor``'s storage if it is live and tracked."""

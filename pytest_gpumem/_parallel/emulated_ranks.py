@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -27,7 +28,7 @@ from .._measure.backends import Backend, CpuBackend, EmulatedBackend
 from .._measure.twins import optimizer_twin
 from .rank_step import measure_rank_step
 from .runners import ParallelStep, parallel_runner
-from .strategies import ZeRO
+from .strategies import FSDP, ZeRO
 
 _COPY = torch.ops.aten.copy_.default
 
@@ -39,16 +40,20 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
         raise RuntimeError(
             "a torch.distributed process group is already initialised in this process; the emulated parallel step "
             "runs its own fake one: measure outside torchrun/init_process_group, or use backend='cpu' (gloo ranks)")
+    hook = sys.excepthook  # init_process_group prefixes it with "[rankN]" and never puts it back
     dist.init_process_group("fake", store=fake_store(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 def echo_allreduce(state, bucket):  # unannotated: DDP checks the annotations, which this module makes strings
-    """DDP comm hook for the fake group: the bucket reduced in place, as the default all-reduce hook leaves it
-    (the fake backend's future carries no tensor, which DDP's reducer refuses)."""
+    """DDP comm hook for the fake group: the bucket all-reduced in place, as the default hook leaves it (the fake
+    backend's own future carries no tensor, which DDP's reducer refuses); the collective still runs, so whoever
+    watches collectives sees the bucket."""
+    dist.all_reduce(bucket.buffer())
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
@@ -109,6 +114,34 @@ def meta_twin(model: nn.Module, optimizer: torch.optim.Optimizer):
     return copy.deepcopy(model, dict(mapping)), optimizer_twin(optimizer, mapping, torch.device("meta"))
 
 
+class _IgnoresWholeModel:
+    """Backend mixin: its tracker ignores the whole-model copy a sharded layout is made from (FSDP, ZeRO-2), as a
+    rank initialised on meta and sharded before ``to_empty`` never holds it; DDP and ZeRO-1 keep it (it is theirs)."""
+
+    whole_model: tuple = ()
+
+    def make_tracker(self):
+        tracker = super().make_tracker()  # type: ignore[misc]
+        tracker.ignore(self.whole_model)
+        return tracker
+
+
+@dataclasses.dataclass
+class EmulatedRankBackend(_IgnoresWholeModel, EmulatedBackend):
+    """The emulated backend (CUDA kernels and allocator on meta) for one rank."""
+
+
+@dataclasses.dataclass
+class MetaCpuRankBackend(_IgnoresWholeModel, CpuBackend):
+    """One rank on meta tensors with the CPU's kernels and raw bytes (compared with real gloo ranks)."""
+
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("meta"))
+
+
+def _shards_parameters(strategy) -> bool:
+    return isinstance(strategy, FSDP) or isinstance(strategy, ZeRO) and strategy.stage == 2
+
+
 def measured_ranks(step: ParallelStep) -> tuple[int, ...]:
     """The ranks whose memory differs: ZeRO-1 gives each rank other parameters' state, so all; DDP and FSDP
     (ZeRO-2) hold equal bytes on every rank (FSDP pads every shard to the same size), so rank 0 stands for all."""
@@ -118,10 +151,12 @@ def measured_ranks(step: ParallelStep) -> tuple[int, ...]:
     return (0,)
 
 
-def emulate_rank(step: ParallelStep, rank: int, backend: Backend) -> StepReport:
+def emulate_rank(step: ParallelStep, rank: int, backend: Any) -> StepReport:
     """Rank ``rank``'s StepReport, its step run in this process on meta tensors over a fake process group."""
     with fake_world(step.strategy.world_size, rank), wrappers_on_meta(), RankZeroReadback():
         model, optimizer = meta_twin(step.model, step.optimizer)
+        if _shards_parameters(step.strategy):
+            backend.whole_model = tuple(model.parameters())
         report = measure_rank_step(dataclasses.replace(step, model=model, optimizer=optimizer), rank, backend)
     note = (f"emulated: torch's {step.strategy.name} wrappers on meta tensors over the fake process group "
             "(collectives move no data; side streams not modelled)")
@@ -131,7 +166,7 @@ def emulate_rank(step: ParallelStep, rank: int, backend: Backend) -> StepReport:
 def emulate_ranks(step: ParallelStep, *, semantics: str = "cuda") -> tuple[StepReport, ...]:
     """One StepReport per rank. ``semantics="cuda"`` predicts a GPU (CUDA kernels and caching allocator on meta);
     ``"cpu"`` keeps the CPU's kernels and raw bytes, to compare with real gloo ranks."""
-    kinds = {"cuda": EmulatedBackend, "cpu": lambda: CpuBackend(device=torch.device("meta"))}
+    kinds = {"cuda": EmulatedRankBackend, "cpu": MetaCpuRankBackend}
     if semantics not in kinds:
         raise ValueError(f"semantics must be one of {sorted(kinds)}, got {semantics!r}")
     measured = {rank: emulate_rank(step, rank, kinds[semantics]()) for rank in measured_ranks(step)}
