@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "format_bytes": "_core.units", "parse_bytes": "_core.units",
     # data-parallel and sharded steps (docs/parallel.md)
     "DDP": "_parallel.strategies", "FSDP": "_parallel.strategies", "ZeRO": "_parallel.strategies",
+    "model_states": "_parallel.model_states", "ModelStates": "_parallel.model_states",
     "ParallelReport": "_core.parallel", "RankInfo": "_core.results", "measure_parallel_step": "_parallel.measure",
     # extension points: hook implementations and the formula registries (docs/extending.md)
     "SavedItem": "_estimate.layer_formulas", "activation_formula": "_estimate.layer_formulas",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from ._core.parallel import ParallelReport  # noqa: F401
     from ._core.results import RankInfo  # noqa: F401
     from ._parallel.measure import measure_parallel_step  # noqa: F401
+    from ._parallel.model_states import ModelStates, model_states  # noqa: F401
     from ._parallel.strategies import DDP, FSDP, ZeRO  # noqa: F401
     from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas  # noqa: F401
     from ._estimate.layer_formulas import SavedItem, activation_formula  # noqa: F401

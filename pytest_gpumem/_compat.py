@@ -413,3 +413,44 @@ def ddp_meta_patches() -> list[tuple[Any, str, Any]]:
 
     _require(ddp_module, "_verify_param_shape_across_processes", "torch.nn.parallel.distributed")
     return [(ddp_module, "_verify_param_shape_across_processes", lambda *args, **kwargs: None)]
+
+# --- torch.distributed: DTensor shards, FSDP2 internals, storage resizes ------------------------------------
+
+def dtensor_local(t: torch.Tensor) -> torch.Tensor | None:
+    """This rank's local tensor of a DTensor (``_local_tensor``, what ``to_local()`` views without autograd);
+    None for any other tensor. Read without dispatching, so a dispatch mode can call it. torch >= 2.4."""
+    local = getattr(t, "_local_tensor", None)
+    if local is None or type(t).__name__ != "DTensor":
+        return None
+    return local
+
+
+def fsdp_unsharded_params(module: nn.Module) -> list[torch.Tensor]:
+    """The unsharded (all-gathered) parameters FSDP2 keeps for ``module`` and its FSDP submodules.
+
+    ``FSDPModule._get_fsdp_state()._fsdp_param_group.fsdp_params[i]._unsharded_param``: created on the
+    first all-gather, its storage resized to 0 when resharded and back when gathered again.
+    """
+    found: list[torch.Tensor] = []
+    for sub in module.modules():
+        get_state = getattr(sub, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        if not hasattr(state, "_fsdp_param_group"):
+            raise TorchInternalMissing("FSDPState._fsdp_param_group")
+        group = state._fsdp_param_group
+        if group is None:  # an FSDP unit without parameters of its own
+            continue
+        for fsdp_param in _require(group, "fsdp_params", "FSDPParamGroup"):
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                found.append(unsharded)
+    return found
+
+
+def storage_resize_patch_target() -> tuple[type, str]:
+    """``torch.UntypedStorage.resize_``: FSDP2 frees and re-allocates unsharded parameters by resizing their
+    storage in place, which no dispatch mode sees; the distributed tracker wraps it while it measures."""
+    _require(torch.UntypedStorage, "resize_", "torch.UntypedStorage")
+    return torch.UntypedStorage, "resize_"

@@ -115,7 +115,7 @@ class Backend:
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         """Turn replayed phases into the reported per-phase figures."""
         return [
-            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None) for r in replays
+            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None, r.peak_parts) for r in replays
         ]
 
 
@@ -285,7 +285,7 @@ def _with_allocator_figures(r: PhaseReplay, peak: int, retained: int, reserved: 
     peak_split[Category.OTHER] += peak - r.peak
     retained_split = dict(r.retained_split)
     retained_split[Category.OTHER] += retained - r.retained
-    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved)
+    return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved, r.peak_parts)
 
 
 def warm_up_cuda(device: torch.device) -> None:

@@ -219,7 +219,7 @@ def _merge(earlier: PhaseStats | None, later: PhaseStats) -> PhaseStats:
     top = earlier if earlier.peak >= later.peak else later
     reserved = [r for r in (earlier.reserved_peak, later.reserved_peak) if r is not None]
     return PhaseStats(later.phase, top.peak, later.retained, top.peak_split, later.retained_split,
-                      max(reserved) if reserved else None)
+                      max(reserved) if reserved else None, top.peak_parts)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -279,7 +279,7 @@ def measure_step(
             inputs, target = session.place_batch((batch, target))
             scaler = be.grad_scaler(scaler)
             for index in range(steps):
-                _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
+                one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
             gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
     except StepFailed:
         raise
@@ -330,7 +330,7 @@ def check_step_arguments(model: Any, optimizer: Any, steps: Any) -> None:
         )
 
 
-def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
+def one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
     """forward -> backward -> optimizer -> zero_grad, each its own phase."""
     __tracebackhide__ = True
     if needs_closure(optimizer):

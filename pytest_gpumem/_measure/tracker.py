@@ -9,14 +9,14 @@ phase retained. Views share a storage, so they count once.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
-from .._compat import sparse_parts
+from .._compat import dtensor_local, sparse_parts
 from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
@@ -73,6 +73,7 @@ class PhaseReplay:
     retained: int
     retained_split: dict[Category, int]
     events: tuple[int, int]  #: [first, last) event indices, for allocator models
+    peak_parts: dict[str, int] = field(default_factory=dict)  #: named parts (``mark_part``) at the peak, raw bytes
 
 
 class StorageTracker(TorchDispatchMode):
@@ -95,6 +96,7 @@ class StorageTracker(TorchDispatchMode):
         self._next_key = 0
         self._marks: dict[int, Category] = {}
         self._ignored: dict[int, weakref.ref] = {}  #: storages that are not this measurement's, while they live
+        self._parts: dict[int, str] = {}  #: storage key -> named part of its category (distributed steps)
         self._closed = False
         #: called before every op; ``track()`` uses it to notice that autograd's backward began
         self.on_dispatch: Callable[[], None] | None = None
@@ -127,6 +129,9 @@ class StorageTracker(TorchDispatchMode):
         A sparse COO tensor holds two storages (indices and values): both are registered, the key of its
         values is returned; other layouts are not tracked.
         """
+        local = dtensor_local(tensor)
+        if local is not None:  # a DTensor (FSDP2's sharded parameters, their grads and state): this rank's shard
+            return self.observe(local)
         if tensor.device.type != self.device_type:
             return None
         if tensor.layout == torch.sparse_coo:
@@ -201,6 +206,26 @@ class StorageTracker(TorchDispatchMode):
             ident = storage_key(t)
             self._ignored[ident] = weakref.ref(storage, lambda _ref, ident=ident: self._ignored.pop(ident, None))
 
+    def mark_part(self, tensors: Iterable[torch.Tensor], part: str) -> None:
+        """Name what the storages of ``tensors`` are within their category ('gradient buckets'); first name wins."""
+        for t in tensors:
+            key = self.observe(t) if t is not None else None
+            if key is not None:
+                self._parts.setdefault(key, part)
+
+    def storage_resized(self, storage: Any) -> None:
+        """A tracked storage was resized outside the dispatcher (``UntypedStorage.resize_``): a free and an allocation."""
+        entry = self._live.get(storage._cdata)
+        if entry is None or self._closed:
+            return
+        key, size, old_raw, ref = entry
+        raw = storage.nbytes()
+        if raw != old_raw:
+            self._record(key, -size, -old_raw)
+            size = self.rounding(raw)
+            self._live[storage._cdata] = (key, size, raw, ref)
+            self._record(key, size, raw)
+
     def key_of(self, tensor: torch.Tensor) -> int | None:
         """The key of ``tensor``'s storage if it is live and tracked."""
         if tensor.device.type != self.device_type:
@@ -251,6 +276,9 @@ class StorageTracker(TorchDispatchMode):
             out[Category.OTHER] += rounded - sum(mix)
             return out
 
+        parts: dict[str, int] = {}
+        peak_parts: dict[str, int] = {}
+
         def close_phase() -> None:
             if current is not None:
                 results.append(
@@ -262,6 +290,7 @@ class StorageTracker(TorchDispatchMode):
                         retained=allocated,
                         retained_split=split(totals, allocated),
                         events=(first, alloc_index),
+                        peak_parts={k: v for k, v in peak_parts.items() if v},
                     )
                 )
 
@@ -270,12 +299,19 @@ class StorageTracker(TorchDispatchMode):
                 close_phase()
                 current = (ev.step, ev.phase)
                 peak, peak_mix, first = allocated, list(totals), alloc_index
+                peak_parts = dict(parts)
                 continue
             alloc_index += 1
             allocated += ev.delta
-            idx = cat_index[self.category_of(ev.key)]
-            totals[idx] += ev.raw
+            category = self.category_of(ev.key)
+            totals[cat_index[category]] += ev.raw
+            part = self._parts.get(ev.key)
+            if part is not None:
+                name = f"{category.value}: {part}"
+                parts[name] = parts.get(name, 0) + ev.raw
             if allocated > peak:
                 peak, peak_mix = allocated, list(totals)
+                if self._parts:
+                    peak_parts = dict(parts)
         close_phase()
         return results

@@ -7,8 +7,10 @@ whatever started it (gloo processes here, a fake process group on meta tensors f
 from __future__ import annotations
 
 from .measure import measure_parallel_step
+from .model_check import ModelStateEstimate, model_state_estimate
+from .model_states import ModelStates, model_states
 from .runners import ParallelStep, parallel_runner, runner_for
 from .strategies import DDP, FSDP, ZeRO, Strategy
 
-__all__ = ["DDP", "FSDP", "ParallelStep", "Strategy", "ZeRO", "measure_parallel_step", "parallel_runner",
-           "runner_for"]
+__all__ = ["DDP", "FSDP", "ModelStateEstimate", "ModelStates", "ParallelStep", "Strategy", "ZeRO",
+           "measure_parallel_step", "model_state_estimate", "model_states", "parallel_runner", "runner_for"]

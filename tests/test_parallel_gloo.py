@@ -1,0 +1,142 @@
+"""Distributed steps measured for real: forked gloo ranks on the CPU, against the closed forms and each other.
+
+Runs are shared per module (a rank spawn costs ~0.3-1.5 s here): one per (strategy, world size).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_gpumem import DDP, FSDP, Category, Phase, ZeRO, measure_parallel_step, model_states
+from pytest_gpumem._measure.step import StepFailed
+from pytest_gpumem._parallel.model_check import measured_model_states, model_state_estimate
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
+                                reason="cpu ranks fork one process per rank and need torch.distributed (gloo)")
+
+
+def _uneven() -> nn.Module:
+    # dim 0 of 7 and 3 rows: padded on 2 ranks (7 -> 4+4) and on 4 ranks (7 -> 2x4, 3 -> 1x4); a LayerNorm too
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.LayerNorm(3))
+
+
+CASES = [DDP(2), DDP(2, gradient_as_bucket_view=True), FSDP(2), ZeRO(1, 2), ZeRO(2, 2), FSDP(4), ZeRO(1, 4),
+         FSDP(2, param_dtype=torch.bfloat16)]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """strategy -> (model, optimizer, ParallelReport), each measured once for the module."""
+    out = {}
+    for strategy in CASES:
+        model = _uneven()
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batch = torch.randn(8, 5)
+        out[strategy] = (model, adam, measure_parallel_step(model, adam, batch, parallel=strategy, backend="cpu",
+                                                             timeout=120))
+    return out
+
+
+@pytest.mark.parametrize("strategy", CASES, ids=lambda s: s.describe())
+def test_every_rank_holds_the_closed_form_model_states_to_the_byte(runs, strategy):
+    model, adam, result = runs[strategy]
+    closed = model_states(model, adam, strategy)  # the user's model and optimizer are untouched by the run
+    assert result.world_size == strategy.world_size
+    for rank, report in enumerate(result.ranks):
+        assert report.parallel is not None and report.parallel.rank == rank
+        got = measured_model_states(report)
+        want = closed[rank]
+        assert (got.params, got.grads, got.optimizer) == (want.params, want.grads, want.optimizer), rank
+        assert model_state_estimate(model, adam, strategy).compare(report).ok
+
+
+def test_fsdp_pads_dim0_per_rank_and_the_state_follows_the_real_rows(runs):
+    # Linear(5,7): weight 7x5 + bias 7, Linear(7,3): 3x7 + 3, LayerNorm(3): 3 + 3, fp32.
+    # On 2 ranks each allocates ceil(7/2)=4 rows: 4*5+4 + 2*7+2 + 2+2 = 44 elements = 176 B on both ranks.
+    _, _, result = runs[FSDP(2)]
+    assert [measured_model_states(r).params for r in result.ranks] == [176, 176]
+    # Adam's moments cover the real rows: rank 0 4*5+4 + 2*7+2 + 2+2 = 44, rank 1 3*5+3 + 1*7+1 + 1+1 = 28
+    # elements, twice (exp_avg, exp_avg_sq) in fp32, plus six 4-byte step counters: 376 B and 248 B
+    assert [measured_model_states(r).optimizer for r in result.ranks] == [44 * 8 + 24, 28 * 8 + 24]
+
+
+def test_ddp_buckets_are_a_second_copy_of_the_gradients_unless_grads_are_bucket_views(runs):
+    # Ψ = 35+7+21+3+3+3 = 72 parameters, 288 B of fp32 gradients
+    for strategy, grads in ((DDP(2), 2 * 288), (DDP(2, gradient_as_bucket_view=True), 288)):
+        report = runs[strategy][2].ranks[0]
+        backward = report.steps[1].phases[Phase.BACKWARD]
+        assert backward.retained_split[Category.GRADS] == grads
+        assert backward.peak_parts["grads: gradient buckets"] == 288
+
+
+def test_fsdp_names_all_gathered_parameters_and_reduce_scatter_buffers(runs):
+    report = runs[FSDP(2)][2].ranks[0]
+    forward, backward = report.steps[1].phases[Phase.FORWARD], report.steps[1].phases[Phase.BACKWARD]
+    # resharded after each unit's forward: at the forward peak one unit is gathered, never the whole model
+    assert 0 < forward.peak_parts["params: unsharded"] < 288
+    # ZeRO-2 keeps every unit gathered from forward to backward: at least the whole model's 288 B by the
+    # forward's end (320 B measured on torch 2.14: some unsharded storages keep the all-gather's dim-0 padding)
+    zero2 = runs[ZeRO(2, 2)][2].ranks[0].steps[1].phases[Phase.FORWARD]
+    assert zero2.peak_parts["params: unsharded"] >= 288 > forward.peak_parts["params: unsharded"]
+    assert backward.peak_parts.get("grads: reduce-scatter input", 0) > 0 or any(
+        "reduce-scatter" in k for s in report.steps for p in s.phases.values() for k in p.peak_parts)
+
+
+def test_zero1_ranks_hold_the_optimizer_state_of_their_parameters_only(runs):
+    # sizes 35, 21, 7, 3, 3, 3 over 2 ranks greedily: r0 35; r1 21, 7, 3 (31), then 3 -> r1 (34 < 35), 3 -> r1?
+    # r1 = 21+7+3+3 = 34 < 35 so the last 3 goes to r1 too: r0 {35}, r1 {21, 7, 3, 3, 3}
+    # Adam: 8 B per element + a 4-byte step per parameter: r0 35*8+4 = 284, r1 37*8+5*4 = 316
+    _, _, result = runs[ZeRO(1, 2)]
+    assert [measured_model_states(r).optimizer for r in result.ranks] == [284, 316]
+
+
+def test_a_rank_that_raises_fails_the_step_with_its_own_traceback():
+    model = _uneven()
+
+    def loss(output, target):
+        if torch.distributed.get_rank() == 1:
+            raise RuntimeError("rank one's own error")
+        return output.sum()
+
+    with pytest.raises(StepFailed, match=r"(?s)rank 1 of DDP.*rank one's own error.*traceback in rank 1.*in loss"):
+        measure_parallel_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 5),
+                              parallel=DDP(2), backend="cpu", loss_fn=loss, timeout=60)
+    assert _children() == []
+
+
+def test_a_rank_past_the_timeout_is_stopped_and_no_process_is_left():
+    model = _uneven()
+
+    def loss(output, target):
+        if torch.distributed.get_rank() == 0:
+            time.sleep(60)
+        return output.sum()
+
+    started = time.monotonic()
+    with pytest.raises(StepFailed, match="did not finish within 3 s"):
+        measure_parallel_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 5),
+                              parallel=DDP(2), backend="cpu", loss_fn=loss, timeout=3)
+    assert time.monotonic() - started < 20
+    assert _children() == []
+
+
+def _children() -> list[int]:
+    """Processes whose parent is this one (Linux /proc; empty elsewhere)."""
+    me, found = os.getpid(), []
+    if not os.path.isdir("/proc"):
+        return found
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                found.append(int(entry))
+    return found
