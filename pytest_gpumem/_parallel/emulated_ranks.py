@@ -91,6 +91,33 @@ def wrappers_on_meta() -> Iterator[None]:
 _MISSING = object()
 
 
+def _reduce_scatter_through_a_copy(original):
+    @functools.wraps(original)
+    def reduce_scatter(output, input, *args, **kwargs):  # noqa: A002 - torch's own argument name
+        staged = input.clone()  # gloo has no reduce-scatter: it all-reduces a copy of the input, then slices it
+        result = original(output, input, *args, **kwargs)
+        del staged
+        return result
+
+    return reduce_scatter
+
+
+@contextlib.contextmanager
+def gloo_collectives() -> Iterator[None]:
+    """The fake group's reduce-scatter allocates what gloo's does: a copy of the whole input for the time of the
+    call (ProcessGroupGloo all-reduces a copy and keeps its slice; seen in the allocation log of real gloo ranks).
+    NCCL allocates nothing through the caching allocator there, so only the ``cpu`` semantics use this."""
+    names = [n for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n)]
+    saved = [(n, getattr(dist, n)) for n in names]
+    try:
+        for name, original in saved:
+            setattr(dist, name, _reduce_scatter_through_a_copy(original))
+        yield
+    finally:
+        for name, original in saved:
+            setattr(dist, name, original)
+
+
 class RankZeroReadback(TorchDispatchMode):
     """A collective's meta result read back into a CPU tensor leaves that tensor as it was.
 
@@ -137,23 +164,41 @@ class MetaCpuRankBackend(_IgnoresWholeModel, CpuBackend):
 
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("meta"))
 
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        from .._estimate.cpu_attention import _CpuAttention  # meta's SDPA saves what the CPU's flash kernel saves
+
+        return _CpuAttention()
+
 
 def _shards_parameters(strategy) -> bool:
     return isinstance(strategy, FSDP) or isinstance(strategy, ZeRO) and strategy.stage == 2
 
 
-def measured_ranks(step: ParallelStep) -> tuple[int, ...]:
-    """The ranks whose memory differs: ZeRO-1 gives each rank other parameters' state, so all; DDP and FSDP
-    (ZeRO-2) hold equal bytes on every rank (FSDP pads every shard to the same size), so rank 0 stands for all."""
+def rank_groups(step: ParallelStep) -> list[list[int]]:
+    """Ranks that hold the same bytes, grouped (one is measured per group).
+
+    DDP: every rank alike. FSDP (and ZeRO-2): ranks alike when each parameter's dim-0 chunk has the same length
+    on them (padding gives every rank the same storage, but the real rows of the last ranks differ, and so do the
+    views FSDP2 makes of them). ZeRO-1: each rank updates its own parameters, so each is its own group.
+    """
     strategy = step.strategy
+    world = strategy.world_size
     if isinstance(strategy, ZeRO) and strategy.stage == 1:
-        return tuple(range(strategy.world_size))
-    return (0,)
+        return [[rank] for rank in range(world)]
+    if not _shards_parameters(strategy):
+        return [list(range(world))]
+    rows = [p.shape[0] if p.dim() else 1 for p in step.model.parameters()]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(world):
+        signature = tuple(max(0, min(-(-n // world), n - rank * -(-n // world))) for n in rows)
+        groups.setdefault(signature, []).append(rank)
+    return list(groups.values())
 
 
 def emulate_rank(step: ParallelStep, rank: int, backend: Any) -> StepReport:
     """Rank ``rank``'s StepReport, its step run in this process on meta tensors over a fake process group."""
-    with fake_world(step.strategy.world_size, rank), wrappers_on_meta(), RankZeroReadback():
+    gloo = gloo_collectives() if isinstance(backend, MetaCpuRankBackend) else contextlib.nullcontext()
+    with fake_world(step.strategy.world_size, rank), wrappers_on_meta(), RankZeroReadback(), gloo:
         model, optimizer = meta_twin(step.model, step.optimizer)
         if _shards_parameters(step.strategy):
             backend.whole_model = tuple(model.parameters())
@@ -164,22 +209,26 @@ def emulate_rank(step: ParallelStep, rank: int, backend: Any) -> StepReport:
 
 
 def emulate_ranks(step: ParallelStep, *, semantics: str = "cuda") -> tuple[StepReport, ...]:
-    """One StepReport per rank. ``semantics="cuda"`` predicts a GPU (CUDA kernels and caching allocator on meta);
-    ``"cpu"`` keeps the CPU's kernels and raw bytes, to compare with real gloo ranks."""
+    """One StepReport per rank, one rank measured per group of alike ranks. ``semantics="cuda"`` predicts a GPU
+    (CUDA kernels and caching allocator on meta); ``"cpu"`` keeps the CPU's kernels, raw bytes and gloo's
+    collectives, to compare with real gloo ranks."""
     kinds = {"cuda": EmulatedRankBackend, "cpu": MetaCpuRankBackend}
     if semantics not in kinds:
         raise ValueError(f"semantics must be one of {sorted(kinds)}, got {semantics!r}")
-    measured = {rank: emulate_rank(step, rank, kinds[semantics]()) for rank in measured_ranks(step)}
-    return tuple(measured[rank] if rank in measured else _same_as(measured[0], rank)
-                 for rank in range(step.strategy.world_size))
+    reports: dict[int, StepReport] = {}
+    for group in rank_groups(step):
+        measured = emulate_rank(step, group[0], kinds[semantics]())
+        for rank in group:
+            reports[rank] = measured if rank == group[0] else _same_as(measured, rank, group[0])
+    return tuple(reports[rank] for rank in range(step.strategy.world_size))
 
 
-def _same_as(report: StepReport, rank: int) -> StepReport:
-    """Rank 0's report for a rank that holds the same bytes (DDP, FSDP), labelled with its own rank."""
+def _same_as(report: StepReport, rank: int, measured: int) -> StepReport:
+    """The measured rank's report for a rank that holds the same bytes, labelled with its own rank."""
     assert report.parallel is not None
     info = RankInfo(report.parallel.strategy, report.parallel.world_size, rank, report.parallel.settings)
-    return dataclasses.replace(report, parallel=info,
-                               notes=(*report.notes, f"rank {rank} lays out as rank 0 does: rank 0's figures"))
+    note = f"rank {rank} holds what rank {measured} holds (same shard lengths): rank {measured}'s figures"
+    return dataclasses.replace(report, parallel=info, notes=(*report.notes, note))
 
 
 @parallel_runner("emulated")
