@@ -15,6 +15,7 @@ pytest.importorskip("pytest_gpumem._parallel.rank_step", reason="the dist branch
 
 from pytest_gpumem import DDP, FSDP, ZeRO, measure_parallel_step  # noqa: E402
 from pytest_gpumem._core.categories import Category, Phase  # noqa: E402
+from pytest_gpumem._parallel.clean_child import report_from_child  # noqa: E402
 from pytest_gpumem._parallel.emulated_ranks import emulate_ranks, rank_groups  # noqa: E402
 from pytest_gpumem._parallel.runners import ParallelStep  # noqa: E402
 
@@ -77,3 +78,68 @@ def test_emulated_rank_peaks_agree_with_gloo_ranks_within_2_percent(gloo_peaks, 
     assert len(emulated) == len(real)
     for rank, (e, r) in enumerate(zip(emulated, real)):
         assert abs(e - r) <= 0.02 * r, f"rank {rank}: emulated {e:,} B vs gloo {r:,} B"
+
+
+def test_gloo_ranks_still_fork_after_an_emulated_fsdp_step_in_the_same_process():
+    # FSDP2's DTensors would start autograd's device threads here, after which forked ranks cannot run autograd;
+    # the emulated sharded rank runs in a child, so this process stays able to fork gloo ranks
+    emulate_ranks(_step("mlp", FSDP(2)), semantics="cuda")
+    model, optimizer, batch, target, loss = cases.case("mlp")
+    real = measure_parallel_step(model, optimizer, batch, target=target, loss_fn=loss, parallel=DDP(2),
+                                 backend="cpu", timeout=120)
+    assert [r.parallel.rank for r in real.ranks] == [0, 1]
+
+
+def test_stepping_local_shards_allocates_what_the_dtensor_step_allocates():
+    from pytest_gpumem._parallel import emulated_ranks as er
+
+    class DTensorStep(er.MetaCpuRankBackend):
+        def optimizer_context(self, optimizer):
+            return er.CpuBackend.optimizer_context(self, optimizer)  # the optimizer steps the DTensors themselves
+
+    step = _step("transformer", FSDP(2))
+    # in children, as the runner does: DTensor ops here would stop this process forking gloo ranks later
+    ours = report_from_child(lambda: er.emulate_rank(step, 0, er.MetaCpuRankBackend()))
+    theirs = report_from_child(lambda: er.emulate_rank(step, 0, DTensorStep()))
+    for a, b in zip(ours.steps, theirs.steps):
+        assert {p: s.peak for p, s in a.phases.items()} == {p: s.peak for p, s in b.phases.items()}
+        assert a.phases[Phase.OPTIMIZER].retained_split == b.phases[Phase.OPTIMIZER].retained_split
+
+
+def test_the_users_model_and_optimizer_are_left_as_they_were():
+    model, optimizer, batch, target, loss = cases.case("mlp")
+    weights = [p.detach().clone() for p in model.parameters()]
+    emulate_ranks(ParallelStep(model, optimizer, batch, FSDP(2), loss, target), semantics="cuda")
+    emulate_ranks(ParallelStep(model, optimizer, batch, DDP(2), loss, target), semantics="cuda")
+    assert all(type(p) is nn.Parameter and p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not optimizer.state and type(model) is nn.Sequential
+    assert not torch.distributed.is_initialized()
+
+
+def test_an_initialised_process_group_is_refused_with_a_clear_error():
+    from pytest_gpumem._compat import fake_store
+    from pytest_gpumem._parallel.emulated_ranks import fake_world
+
+    torch.distributed.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
+    try:
+        with pytest.raises(RuntimeError, match="already initialised.*backend='cpu'"):
+            with fake_world(2):
+                pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_semantics_other_than_cuda_or_cpu_are_refused():
+    with pytest.raises(ValueError, match=r"semantics must be one of \['cpu', 'cuda'\], got 'rocm'"):
+        emulate_ranks(_step("mlp", DDP(2)), semantics="rocm")
+
+
+def test_an_error_in_the_child_comes_back_as_step_failed_with_its_traceback():
+    from pytest_gpumem._measure.step import StepFailed
+
+    def fails():
+        raise KeyError("no such layer")
+
+    with pytest.raises(StepFailed, match=r"KeyError: 'no such layer'\n\(in the emulated rank's process\)"):
+        report_from_child(fails)
