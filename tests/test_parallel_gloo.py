@@ -140,3 +140,44 @@ def _children() -> list[int]:
             if int(fields[1]) == me and fields[0] != "Z":
                 found.append(int(entry))
     return found
+
+
+PLUGIN_TESTS = '''
+import pytest, torch
+from torch import nn
+from pytest_gpumem import DDP, FSDP
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return model, torch.optim.AdamW(model.parameters()), torch.randn(8, 16)
+
+@pytest.mark.gpu_budget("64KiB", parallel=FSDP(2), backend="cpu")
+def test_fsdp_fits(gpumem):
+    result = gpumem.train_step(*make())
+    assert result.world_size == 2 and len(gpumem.reports) == 2
+
+@pytest.mark.gpu_budget("8KiB", parallel=DDP(2), backend="cpu")
+def test_ddp_over(gpumem):
+    gpumem.train_step(*make())
+
+@pytest.mark.gpu_budget("1MB", parallel="fsdp")
+def test_bad_marker(gpumem):
+    pass
+'''
+
+
+def test_the_marker_budgets_every_rank_and_reports_the_rank(pytester):
+    pytester.makepyfile(PLUGIN_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--gpumem-report", "--gpumem-json=out.json")
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    # Ψ = 16*32+32 + 32*4+4 = 676 fp32 parameters; DDP holds params, grads, buckets and AdamW state whole
+    result.stdout.fnmatch_lines(["*invalid gpu_budget marker: parallel='fsdp': expected DDP*",
+                                 "*rank 0 of 2, DDP: gpu_budget 8.00 KiB exceeded: peak *",
+                                 "*rank 1 of 2, DDP: gpu_budget 8.00 KiB exceeded: peak *"])
+    import json
+
+    tests = {t["nodeid"].split("::")[1]: t for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
+    assert tests["test_fsdp_fits"]["parallel"]["strategy"] == "FSDP"
+    assert tests["test_fsdp_fits"]["parallel"]["world_size"] == 2
+    assert tests["test_fsdp_fits"]["estimate"]["kind"] == "model_states"  # the closed form was checked, and held
