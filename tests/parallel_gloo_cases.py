@@ -72,6 +72,31 @@ def _slow_loss(output, target):
     return output.sum()
 
 
+def _fsdp_internals() -> dict:
+    """The private FSDP2 / DTensor internals pytest_gpumem._compat reads, on a one-rank gloo group."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from pytest_gpumem import _compat
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(folder, "store"), 1), rank=0, world_size=1)
+        try:
+            model = nn.Linear(4, 3)
+            fully_shard(model)
+            local = _compat.dtensor_local(model.weight)
+            before = len(_compat.fsdp_unsharded_params(model))
+            model(torch.ones(2, 4)).sum().backward()
+            after = _compat.fsdp_unsharded_params(model)
+            return {"local_shape": list(local.shape) if local is not None else None,
+                    "local_is_plain": type(local) is torch.Tensor, "unsharded_before": before,
+                    "unsharded_after": [list(t.shape) for t in after]}
+        finally:
+            dist.destroy_process_group()
+
+
 def main() -> None:
     runs = []
     for strategy in CASES:
@@ -80,6 +105,7 @@ def main() -> None:
                                        timeout=120)
         runs.append(result.to_dict())
     out = {"runs": runs, "raises": _failure(_raising_loss, 60), "timeout": _failure(_slow_loss, 3)}
+    out["compat"] = _fsdp_internals()  # last: FSDP2 in this process would keep it from forking ranks again
     sys.stdout.write("\n" + json.dumps(out) + "\n")
 
 

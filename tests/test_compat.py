@@ -287,3 +287,17 @@ def test_checkpoint_infers_its_device_type_through_the_module():
     finally:
         setattr(owner, name, original)
     assert calls, _moved("torch.utils.checkpoint._infer_device_type (called through the module)")
+
+
+def test_storage_resize_can_be_wrapped_and_untyped_storages_resize_in_place():
+    owner, name = _compat.storage_resize_patch_target()
+    assert owner is torch.UntypedStorage and callable(getattr(owner, name)), _moved("torch.UntypedStorage.resize_")
+    t = torch.ones(8)
+    getattr(owner, name)(t.untyped_storage(), 0)  # what FSDP2 does to free an unsharded parameter
+    assert t.untyped_storage().nbytes() == 0, _moved("UntypedStorage.resize_ (in place)")
+
+
+def test_dtensor_local_is_none_for_plain_tensors():
+    # DTensors themselves (FSDP2's shards) are checked in a gloo process: tests/test_parallel_gloo.py (compat)
+    assert _compat.dtensor_local(torch.ones(2)) is None
+    assert _compat.dtensor_local(torch.nn.Parameter(torch.ones(2))) is None

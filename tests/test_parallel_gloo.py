@@ -114,6 +114,16 @@ def test_a_rank_past_the_timeout_is_stopped_and_no_process_is_left(measured):
     assert failure["children"] == []
 
 
+def test_the_fsdp2_internals_compat_reads_are_where_they_were(measured):
+    """_compat.dtensor_local and fsdp_unsharded_params on a real FSDP2 module (one gloo rank)."""
+    compat = measured["compat"]
+    assert compat["local_shape"] == [3, 4] and compat["local_is_plain"], \
+        f"DTensor._local_tensor moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+    # created on the first all-gather: none before the forward, weight and bias after
+    assert compat["unsharded_before"] == 0 and compat["unsharded_after"] == [[3, 4], [3]], \
+        f"FSDPParam._unsharded_param moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+
+
 def test_a_rank_refused_backward_after_a_fork_gets_advice():
     from pytest_gpumem._parallel.gloo_ranks import FORKED_AUTOGRAD, _Rank, _reports
 
