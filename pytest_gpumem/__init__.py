@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     "track": "_measure.step",
     "summary": "_tools.summary",
     "format_bytes": "_core.units", "parse_bytes": "_core.units",
-    # data-parallel and sharded steps (docs/parallel.md)
+    # data-parallel and sharded steps (README: Data-parallel and sharded training)
     "DDP": "_parallel.strategies", "FSDP": "_parallel.strategies", "ZeRO": "_parallel.strategies",
     "model_states": "_parallel.model_states", "ModelStates": "_parallel.model_states",
     "ParallelReport": "_core.parallel", "RankInfo": "_core.results", "measure_parallel_step": "_parallel.measure",

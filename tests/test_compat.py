@@ -312,3 +312,17 @@ def test_fsdp2_and_ddp_meta_patch_targets_exist_with_the_names_we_replace():
     # the device comes from the mesh in two modules, the stream handle is imported into four, meta is refused once
     assert sum(a == "_get_device_from_mesh" for _, a in patched) == 2, _moved("FSDP2 _get_device_from_mesh")
     assert sum(a == "_get_device_handle" for _, a in patched) == 4, _moved("FSDP2 _get_device_handle imports")
+
+
+def test_storage_resize_can_be_wrapped_and_untyped_storages_resize_in_place():
+    owner, name = _compat.storage_resize_patch_target()
+    assert owner is torch.UntypedStorage and callable(getattr(owner, name)), _moved("torch.UntypedStorage.resize_")
+    t = torch.ones(8)
+    getattr(owner, name)(t.untyped_storage(), 0)  # what FSDP2 does to free an unsharded parameter
+    assert t.untyped_storage().nbytes() == 0, _moved("UntypedStorage.resize_ (in place)")
+
+
+def test_dtensor_local_is_none_for_plain_tensors():
+    # DTensors themselves (FSDP2's shards) are checked in a gloo process: tests/test_parallel_gloo.py (compat)
+    assert _compat.dtensor_local(torch.ones(2)) is None
+    assert _compat.dtensor_local(torch.nn.Parameter(torch.ones(2))) is None

@@ -1,11 +1,13 @@
 """Distributed steps without processes: strategy checks, marker, bad input, the closed forms' arithmetic."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from pytest_gpumem import DDP, FSDP, ModelStates, ZeRO, measure_parallel_step, model_states
+from pytest_gpumem import DDP, FSDP, Category, ModelStates, Phase, ZeRO, measure_parallel_step, model_states
 from pytest_gpumem._core.budget import BudgetError, budget_from_marker
 from pytest_gpumem._parallel.model_states import deepspeed_zero_bytes, shard_rows, zero_partition
 from pytest_gpumem._parallel.runners import runner_for
@@ -142,3 +144,23 @@ def test_model_states_count_cpu_step_counters_only_on_the_cpu():
     # four parameters, one 4-byte fp32 `step` tensor each
     assert [c.optimizer - g.optimizer for c, g in zip(cpu, cuda)] == [16, 16]
     assert isinstance(cpu[0], ModelStates) and cpu[0].to_dict()["rank"] == 0
+
+
+def test_rank_reports_and_their_parts_survive_json():
+    from pytest_gpumem import ParallelReport, PhaseStats, RankInfo, StepMeasurement, StepReport
+
+    def rank_report(rank: int, peak: int) -> StepReport:
+        stats = PhaseStats(Phase.BACKWARD, peak, 10, {Category.GRADS: peak}, {Category.GRADS: 10}, None,
+                           {"grads: gradient buckets": peak // 2})
+        step = StepMeasurement(0, peak, Phase.BACKWARD, {Category.GRADS: peak}, {Phase.BACKWARD: stats})
+        return StepReport("cpu", "cpu", "2.14", None, (step,), (), RankInfo("DDP", 2, rank, DDP(2).to_dict()))
+
+    result = ParallelReport(DDP(2).to_dict(), (rank_report(0, 100), rank_report(1, 300)))
+    assert result.peak_rank == 1 and result.peak == 300
+    again = ParallelReport.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.to_dict() == result.to_dict()
+    assert again.ranks[1].phases[Phase.BACKWARD].peak_parts == {"grads: gradient buckets": 150}
+    assert "rank 1 of 2, DDP" in again.table() and "parts at the peak: grads: gradient buckets 150 B" in again.table()
+    # a one-device report's JSON is unchanged: no "parallel" key, no "peak_parts" where there are none
+    plain = StepReport("cpu", "cpu", "2.14", None, rank_report(0, 100).steps)
+    assert "parallel" not in plain.to_dict()

@@ -1,44 +1,49 @@
 """Distributed steps measured for real: forked gloo ranks on the CPU, against the closed forms and each other.
 
-Runs are shared per module (a rank spawn costs ~0.3-1.5 s here): one per (strategy, world size).
+Runs are shared per module and made in a fresh interpreter (parallel_gloo_cases.py): one per (strategy, world
+size), plus a rank that raises and one past its timeout.
 """
 from __future__ import annotations
 
+import json
 import os
-import time
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from pytest_gpumem import DDP, FSDP, Category, Phase, ZeRO, measure_parallel_step, model_states
+from pytest_gpumem import DDP, FSDP, Category, ParallelReport, Phase, ZeRO, model_states
 from pytest_gpumem._measure.step import StepFailed
 from pytest_gpumem._parallel.model_check import measured_model_states, model_state_estimate
+
+from parallel_gloo_cases import CASES, adam, uneven
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
                                 reason="cpu ranks fork one process per rank and need torch.distributed (gloo)")
 
 
-def _uneven() -> nn.Module:
-    # dim 0 of 7 and 3 rows: padded on 2 ranks (7 -> 4+4) and on 4 ranks (7 -> 2x4, 3 -> 1x4); a LayerNorm too
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.LayerNorm(3))
-
-
-CASES = [DDP(2), DDP(2, gradient_as_bucket_view=True), FSDP(2), ZeRO(1, 2), ZeRO(2, 2), FSDP(4), ZeRO(1, 4),
-         FSDP(2, param_dtype=torch.bfloat16)]
+CASES_SCRIPT = Path(__file__).with_name("parallel_gloo_cases.py")
 
 
 @pytest.fixture(scope="module")
-def runs():
-    """strategy -> (model, optimizer, ParallelReport), each measured once for the module."""
+def measured():
+    """Every case of parallel_gloo_cases.py measured once, in a fresh interpreter (see its docstring)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CASES_SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(CASES_SCRIPT)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(measured):
+    """strategy -> (model, optimizer, ParallelReport): the models rebuilt here as the script built them."""
     out = {}
-    for strategy in CASES:
-        model = _uneven()
-        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-        batch = torch.randn(8, 5)
-        out[strategy] = (model, adam, measure_parallel_step(model, adam, batch, parallel=strategy, backend="cpu",
-                                                             timeout=120))
+    for strategy, data in zip(CASES, measured["runs"]):
+        model = uneven()
+        out[strategy] = (model, adam(model), ParallelReport.from_dict(data))
     return out
 
 
@@ -95,48 +100,79 @@ def test_zero1_ranks_hold_the_optimizer_state_of_their_parameters_only(runs):
     assert [measured_model_states(r).optimizer for r in result.ranks] == [284, 316]
 
 
-def test_a_rank_that_raises_fails_the_step_with_its_own_traceback():
-    model = _uneven()
-
-    def loss(output, target):
-        if torch.distributed.get_rank() == 1:
-            raise RuntimeError("rank one's own error")
-        return output.sum()
-
-    with pytest.raises(StepFailed, match=r"(?s)rank 1 of DDP.*rank one's own error.*traceback in rank 1.*in loss"):
-        measure_parallel_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 5),
-                              parallel=DDP(2), backend="cpu", loss_fn=loss, timeout=60)
-    assert _children() == []
+def test_a_rank_that_raises_fails_the_step_with_its_own_traceback(measured):
+    failure = measured["raises"]
+    assert re.search(r"(?s)rank 1 of DDP.*rank one's own error.*traceback in rank 1.*in _raising_loss",
+                     failure["message"] or "")
+    assert failure["children"] == []
 
 
-def test_a_rank_past_the_timeout_is_stopped_and_no_process_is_left():
-    model = _uneven()
-
-    def loss(output, target):
-        if torch.distributed.get_rank() == 0:
-            time.sleep(60)
-        return output.sum()
-
-    started = time.monotonic()
-    with pytest.raises(StepFailed, match="did not finish within 3 s"):
-        measure_parallel_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 5),
-                              parallel=DDP(2), backend="cpu", loss_fn=loss, timeout=3)
-    assert time.monotonic() - started < 20
-    assert _children() == []
+def test_a_rank_past_the_timeout_is_stopped_and_no_process_is_left(measured):
+    failure = measured["timeout"]
+    assert "did not finish within 3 s (timeout=) and was stopped" in (failure["message"] or "")
+    assert failure["seconds"] < 20  # 3 s, the grace of the other rank, the kill
+    assert failure["children"] == []
 
 
-def _children() -> list[int]:
-    """Processes whose parent is this one (Linux /proc; empty elsewhere)."""
-    me, found = os.getpid(), []
-    if not os.path.isdir("/proc"):
-        return found
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+def test_the_fsdp2_internals_compat_reads_are_where_they_were(measured):
+    """_compat.dtensor_local and fsdp_unsharded_params on a real FSDP2 module (one gloo rank)."""
+    compat = measured["compat"]
+    assert compat["local_shape"] == [3, 4] and compat["local_is_plain"], \
+        f"DTensor._local_tensor moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+    # created on the first all-gather: none before the forward, weight and bias after
+    assert compat["unsharded_before"] == 0 and compat["unsharded_after"] == [[3, 4], [3]], \
+        f"FSDPParam._unsharded_param moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+
+
+def test_a_rank_refused_backward_after_a_fork_gets_advice():
+    from pytest_gpumem._parallel.gloo_ranks import FORKED_AUTOGRAD, _Rank, _reports
+
+    error = json.dumps({"rank": 0, "error": "RuntimeError: Unable to handle autograd's threading in combination "
+                        "with fork-based multiprocessing. See https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork",
+                        "traceback": "..."}).encode()
+    ranks = [_Rank(0, 1, -1, bytearray(error), True, 0, 1)]
+    with pytest.raises(StepFailed, match="pytest process of their own") as info:
+        _reports(ranks, type("Step", (), {"strategy": DDP(1), "timeout_s": 1})())
+    assert FORKED_AUTOGRAD in str(info.value)
+
+
+PLUGIN_TESTS = '''
+import pytest, torch
+from torch import nn
+from pytest_gpumem import DDP, FSDP
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return model, torch.optim.AdamW(model.parameters()), torch.randn(8, 16)
+
+@pytest.mark.gpu_budget("64KiB", parallel=FSDP(2), backend="cpu")
+def test_fsdp_fits(gpumem):
+    result = gpumem.train_step(*make())
+    assert result.world_size == 2 and len(gpumem.reports) == 2
+
+@pytest.mark.gpu_budget("8KiB", parallel=DDP(2), backend="cpu")
+def test_ddp_over(gpumem):
+    gpumem.train_step(*make())
+
+@pytest.mark.gpu_budget("1MB", parallel="fsdp")
+def test_bad_marker(gpumem):
+    pass
+'''
+
+
+def test_the_marker_budgets_every_rank_and_reports_the_rank(pytester):
+    pytester.makepyfile(PLUGIN_TESTS)
+    # in a fresh interpreter: this one may have started autograd's device threads (see parallel_gloo_cases.py)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gpumem-report", "--gpumem-json=out.json")
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    # Ψ = 16*32+32 + 32*4+4 = 676 fp32 parameters; DDP holds params, grads, buckets and AdamW state whole
+    result.stdout.fnmatch_lines(["*invalid gpu_budget marker: parallel='fsdp': expected DDP*",
+                                 "*rank 0 of 2, DDP: gpu_budget 8.00 KiB exceeded: peak *",
+                                 "*rank 1 of 2, DDP: gpu_budget 8.00 KiB exceeded: peak *"])
+    import json
+
+    tests = {t["nodeid"].split("::")[1]: t for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
+    assert tests["test_fsdp_fits"]["parallel"]["strategy"] == "FSDP"
+    assert tests["test_fsdp_fits"]["parallel"]["world_size"] == 2
+    assert tests["test_fsdp_fits"]["estimate"]["kind"] == "model_states"  # the closed form was checked, and held

@@ -30,6 +30,12 @@ from .runners import ParallelStep, parallel_runner
 MAX_RANKS = 8
 #: seconds the other ranks get to finish after one failed, before they are killed
 GRACE_S = 2.0
+#: what to do when torch refuses backward in a forked rank
+FORKED_AUTOGRAD = (
+    "this process started autograd's device threads before the ranks were forked (a backward on CUDA, or an "
+    "emulated FSDP2 step, ran in it earlier), and torch refuses backward in processes forked after that; run the "
+    "backend='cpu' distributed tests in a pytest process of their own (a separate run, or one xdist worker: "
+    "`-n 2 --dist loadgroup` with @pytest.mark.xdist_group('gloo'))")
 
 
 @dataclass
@@ -190,8 +196,9 @@ def _reports(ranks: list[_Rank], step: ParallelStep) -> tuple[StepReport, ...]:
     for r in sorted(ranks, key=lambda r: (not r.done, r.finished)):
         payload = payloads[r.rank]
         if payload is not None and "error" in payload:
-            raise StepFailed(f"rank {r.rank} of {what} raised {payload['error']}\n--- traceback in rank {r.rank} ---\n"
-                             f"{payload['traceback']}", None)
+            advice = f"\n{FORKED_AUTOGRAD}" if "Autograd-and-Fork" in payload["error"] else ""
+            raise StepFailed(f"rank {r.rank} of {what} raised {payload['error']}{advice}\n--- traceback in rank "
+                             f"{r.rank} ---\n{payload['traceback']}", None)
     missing = [r for r in ranks if payloads[r.rank] is None]
     if missing:
         r = missing[0]

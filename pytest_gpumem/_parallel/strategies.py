@@ -2,7 +2,7 @@
 
 Frozen, typed descriptions checked when built; nothing here imports torch (the ``gpu_budget`` marker may
 hold one at collection time). What each maps to in torch, and where that differs from DeepSpeed's ZeRO,
-is written on each class and in docs/parallel.md.
+is written on each class and in the README (Data-parallel and sharded training).
 """
 from __future__ import annotations
 
