@@ -454,3 +454,12 @@ def storage_resize_patch_target() -> tuple[type, str]:
     storage in place, which no dispatch mode sees; the distributed tracker wraps it while it measures."""
     _require(torch.UntypedStorage, "resize_", "torch.UntypedStorage")
     return torch.UntypedStorage, "resize_"
+
+
+def fsdp_prefetch_patch_target() -> tuple[type, str]:
+    """``FSDPParamGroup._prefetch_unshard`` (a staticmethod): FSDP2 all-gathers the next unit's parameters
+    through it (backward by default, forward when asked); wrapping it tells a prefetch from a unit's own gather."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    _require(FSDPParamGroup, "_prefetch_unshard", "FSDPParamGroup")
+    return FSDPParamGroup, "_prefetch_unshard"

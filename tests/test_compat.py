@@ -326,3 +326,10 @@ def test_dtensor_local_is_none_for_plain_tensors():
     # DTensors themselves (FSDP2's shards) are checked in a gloo process: tests/test_parallel_gloo.py (compat)
     assert _compat.dtensor_local(torch.ones(2)) is None
     assert _compat.dtensor_local(torch.nn.Parameter(torch.ones(2))) is None
+
+
+def test_fsdp2_prefetch_goes_through_a_static_method_we_can_wrap():
+    owner, name = _compat.fsdp_prefetch_patch_target()
+    assert isinstance(owner.__dict__[name], staticmethod), _moved("FSDPParamGroup._prefetch_unshard (a staticmethod)")
+    assert list(inspect.signature(getattr(owner, name)).parameters) == ["target_fsdp_param_group", "pass_type"], \
+        _moved("FSDPParamGroup._prefetch_unshard(target_fsdp_param_group, pass_type)")

@@ -7,6 +7,8 @@ and watches the collectives to name the communication buffers (``PhaseStats.peak
 
 - ``params: unsharded``       FSDP2's all-gathered parameters of the units that are gathered now
 - ``params: all-gather buffer`` the flat buffer the all-gather writes into (freed after the copy-out)
+- ``params: prefetched``      the all-gather buffer of the next unit, gathered ahead of time (FSDP2 prefetches
+  one unit in backward by default; its unsharded parameters are copied out when that unit starts)
 - ``grads: reduce-scatter input`` the flat, padded unsharded gradients FSDP2 reduce-scatters
 - ``grads: gradient buckets`` DDP's bucket buffers (the ``.grad`` storage itself with gradient_as_bucket_view)
 
@@ -20,7 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .._compat import TorchDispatchMode, fsdp_unsharded_params, storage_resize_patch_target, tree_flatten
+from .._compat import (TorchDispatchMode, fsdp_prefetch_patch_target, fsdp_unsharded_params,
+                       storage_resize_patch_target, tree_flatten)
 from .._core.categories import Category, Phase
 from .._core.results import RankInfo, StepReport
 from .._core.step_calls import default_loss
@@ -29,6 +32,7 @@ from .._measure.backends import Backend
 from .._measure.step import Session, one_step, optimizer_state_tensors
 from .._measure.tracker import StorageTracker
 from .runners import ParallelStep
+from .strategies import DDP, FSDP, ZeRO
 from .wrapping import lay_out
 
 #: c10d op name -> (which argument holds the buffer, its category, its part)
@@ -61,6 +65,7 @@ class CollectiveWatcher(TorchDispatchMode):
         super().__init__()
         self.tracker = tracker
         self.bucketed = bucketed  #: DDP: what all-reduce reduces are its gradient buckets
+        self.prefetching = 0      #: > 0 inside FSDP2's prefetch of another unit
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -70,6 +75,8 @@ class CollectiveWatcher(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in _COLLECTIVE_BUFFERS:
             index, category, part = _COLLECTIVE_BUFFERS[name]
+            if self.prefetching and part == "all-gather buffer":
+                part = "prefetched"
             self._name(args[index], category, part)
         elif name == "allreduce_" and self.bucketed:
             self._name(args[0], Category.GRADS, "gradient buckets")
@@ -103,6 +110,30 @@ def watching_resizes(tracker: StorageTracker) -> Iterator[None]:
             delattr(owner, name)
 
 
+@contextlib.contextmanager
+def watching_prefetch(watcher: CollectiveWatcher, strategy) -> Iterator[None]:
+    """Tell the watcher when FSDP2 gathers a unit ahead of its turn (``_prefetch_unshard``)."""
+    if not isinstance(strategy, FSDP) and not (isinstance(strategy, ZeRO) and strategy.stage == 2):
+        yield
+        return
+    owner, name = fsdp_prefetch_patch_target()
+    original = owner.__dict__[name]  # a staticmethod object
+    inner = original.__func__ if isinstance(original, staticmethod) else original
+
+    def prefetch(*args, **kwargs):
+        watcher.prefetching += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            watcher.prefetching -= 1
+
+    setattr(owner, name, staticmethod(prefetch))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def rank_slice(batch: Any, rank: int, world_size: int) -> Any:
     """This rank's slice of dim 0 of every batched tensor, as its own storage (scalars as they are)."""
     return map_tensors(lambda t: t.chunk(world_size)[rank].clone() if t.dim() else t, batch)
@@ -118,7 +149,8 @@ def measure_rank_step(step: ParallelStep, rank: int, backend: Backend) -> StepRe
     if frozen:
         gc.freeze()
     try:
-        with session, watching_resizes(session.tracker), CollectiveWatcher(session.tracker, _bucketed(strategy)):
+        watcher = CollectiveWatcher(session.tracker, _bucketed(strategy))
+        with session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), watcher:
             session.phase(0, Phase.SETUP)
             model, optimizer = step.model, step.optimizer
             if _needs_placing(model, backend):
@@ -145,8 +177,6 @@ def measure_rank_step(step: ParallelStep, rank: int, backend: Backend) -> StepRe
 
 
 def _bucketed(strategy) -> bool:
-    from .strategies import DDP, ZeRO
-
     return isinstance(strategy, DDP) or isinstance(strategy, ZeRO) and strategy.stage == 1
 
 
