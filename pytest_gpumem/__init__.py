@@ -20,6 +20,10 @@ _EXPORTS: dict[str, str] = {
     "track": "_measure.step",
     "summary": "_tools.summary",
     "format_bytes": "_core.units", "parse_bytes": "_core.units",
+    # data-parallel and sharded steps (README: Data-parallel and sharded training)
+    "DDP": "_parallel.strategies", "FSDP": "_parallel.strategies", "ZeRO": "_parallel.strategies",
+    "model_states": "_parallel.model_states", "ModelStates": "_parallel.model_states",
+    "ParallelReport": "_core.parallel", "RankInfo": "_core.results", "measure_parallel_step": "_parallel.measure",
     # extension points: hook implementations and the formula registries (docs/extending.md)
     "SavedItem": "_estimate.layer_formulas", "activation_formula": "_estimate.layer_formulas",
     "StateTensor": "_estimate.optimizer_rules", "optimizer_rule": "_estimate.optimizer_rules",
@@ -53,6 +57,11 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from ._cuda_facts.devices import DeviceProfile  # noqa: F401
     from ._core.results import PhaseStats, StepMeasurement, StepReport  # noqa: F401
     from ._core.units import format_bytes, parse_bytes  # noqa: F401
+    from ._core.parallel import ParallelReport  # noqa: F401
+    from ._core.results import RankInfo  # noqa: F401
+    from ._parallel.measure import measure_parallel_step  # noqa: F401
+    from ._parallel.model_states import ModelStates, model_states  # noqa: F401
+    from ._parallel.strategies import DDP, FSDP, ZeRO  # noqa: F401
     from ._estimate import Estimate, LayerEstimate, estimate_step, register_formulas  # noqa: F401
     from ._estimate.layer_formulas import SavedItem, activation_formula  # noqa: F401
     from ._estimate.optimizer_rules import StateTensor, optimizer_rule  # noqa: F401

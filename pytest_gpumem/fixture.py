@@ -53,9 +53,16 @@ class GpuMem:
     def _backend(self) -> Backend:
         return self._backend_factory()
 
-    def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, **kwargs) -> StepReport:
-        """Measure a training step (see ``measure_step``); the test's budget is checked against it."""
+    def train_step(self, model, optimizer, batch, *, loss_fn=None, target=None, parallel=None, **kwargs):
+        """Measure a training step (see ``measure_step``); the test's budget is checked against it.
+
+        With ``parallel=DDP/FSDP/ZeRO(...)`` (or the marker's ``parallel=``) the step runs on every rank
+        (``measure_parallel_step``): a ParallelReport comes back and the budget applies to each rank.
+        """
         __tracebackhide__ = True
+        parallel = self._parallel(parallel)
+        if parallel is not None:
+            return self._parallel_step(model, optimizer, batch, loss_fn, target, parallel, kwargs)
         estimate = self._estimate(model, optimizer, batch, loss_fn, target, kwargs)
         backend = self._backend()
         try:
@@ -67,6 +74,36 @@ class GpuMem:
             self._state.estimates[len(self._state.reports)] = estimate
         self._state.reports.append(report)
         return report
+
+    def _parallel(self, given):
+        """The step's strategy: the one given, else the marker's; both given and different is an error."""
+        marker = self._state.budget.parallel if self._state.budget is not None else None
+        if given is not None and marker is not None and given != marker:
+            raise ValueError(f"train_step(parallel={given.describe()}) differs from the gpu_budget marker's "
+                             f"parallel={marker.describe()}; give it in one place")
+        return given if given is not None else marker
+
+    def _parallel_step(self, model, optimizer, batch, loss_fn, target, parallel, kwargs):
+        """Every rank's report goes to the test (the budget is per rank); the model-state check beside it."""
+        __tracebackhide__ = True
+        from ._parallel import measure_parallel_step, model_state_estimate
+        from ._parallel.runners import parallel_backend
+
+        estimate = None
+        if self._manager.rtol_for(self._state) is not None:  # before the step: the user's objects as given
+            try:
+                device = estimate_device(parallel_backend(self._state.backend_name))
+                estimate = model_state_estimate(model, optimizer, parallel, device=device)
+            except Exception as exc:  # the measurement decides; say why there is nothing to compare it with
+                self._item.add_report_section("call", "gpumem estimate", f"no closed-form model states for this "
+                                              f"step ({type(exc).__name__}: {exc}); not compared")
+        result = measure_parallel_step(model, optimizer, batch, parallel=parallel, loss_fn=loss_fn, target=target,
+                                       backend=self._state.backend_name, device=self._state.device, **kwargs)
+        for report in result.ranks:
+            if estimate is not None:
+                self._state.estimates[len(self._state.reports)] = estimate
+            self._state.reports.append(report)
+        return result
 
     def _snapshot(self, backend: Backend) -> contextlib.AbstractContextManager:
         """--gpumem-snapshot: record the CUDA allocator's history around the measurement."""

@@ -20,14 +20,15 @@ import pytest
 SIZES = ("a non-negative number of bytes with an optional unit: B, kB/KB, MB, GB, TB (powers of 10) "
          "or KiB, MiB, GiB, TiB (powers of 2), e.g. '2GB', '1.5 GiB', '512MiB', 4096")
 SIGNATURE = ("gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-             "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None)")
+             "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None, "
+             "parallel=None)")
 SPECS = ("comma-separated rules, each '[SCOPE:]LIMIT' where LIMIT is a percentage ('5%') or an absolute size "
          "('+64MiB') and SCOPE is 'peak' (the default), 'reserved', a category (params, grads, optimizer, batch, "
          "activations, temporaries, other) or '*' for every category; e.g. '5%', '+64MiB', 'activations:10%', "
          "'5%,activations:10%,+64MiB'")
 RTOL = "expected a fraction such as 0.05, '5%', or 'off'"
 NOTHING = ("sets nothing: give a total such as gpu_budget('2GB'), a per-category budget (activations='512MiB'), "
-           "leak=, rtol= or backend=")
+           "leak=, rtol=, backend= or parallel=")
 BOOL = "expected true or false (also yes/no, on/off, 1/0)"
 
 BASELINE = {"schema": "pytest-gpumem/baseline", "version": 1, "backend": "emulated",

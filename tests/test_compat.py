@@ -324,3 +324,49 @@ def test_the_fused_device_check_asks_the_patched_function():
         owner._device_dtype_check_for_fused(p)  # meta is accepted once the function answers it
     finally:
         setattr(owner, name, original)
+
+
+def test_fake_process_group_runs_collectives_on_meta_tensors():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=_compat.fake_store(), rank=0, world_size=4)
+    try:
+        shard = torch.empty(3, device="meta")
+        gathered = torch.empty(12, device="meta")  # 4 ranks x 3
+        dist.all_gather_into_tensor(gathered, shard)
+        dist.all_reduce(shard)
+        assert dist.get_world_size() == 4, _moved("the fake process-group backend")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_and_ddp_meta_patch_targets_exist_with_the_names_we_replace():
+    for owner, attr, replacement in [*_compat.fsdp2_meta_patches(), *_compat.ddp_meta_patches()]:
+        assert callable(getattr(owner, attr)), _moved(f"{getattr(owner, '__name__', owner)}.{attr}")
+        assert callable(replacement)
+    patched = {(getattr(o, "__name__", ""), a) for o, a, _ in _compat.fsdp2_meta_patches()}
+    # the device comes from the mesh in two modules, the stream handle is imported into four, meta is refused once
+    assert sum(a == "_get_device_from_mesh" for _, a in patched) == 2, _moved("FSDP2 _get_device_from_mesh")
+    assert sum(a == "_get_device_handle" for _, a in patched) == 4, _moved("FSDP2 _get_device_handle imports")
+
+
+def test_storage_resize_can_be_wrapped_and_untyped_storages_resize_in_place():
+    owner, name = _compat.storage_resize_patch_target()
+    assert owner is torch.UntypedStorage and callable(getattr(owner, name)), _moved("torch.UntypedStorage.resize_")
+    t = torch.ones(8)
+    getattr(owner, name)(t.untyped_storage(), 0)  # what FSDP2 does to free an unsharded parameter
+    assert t.untyped_storage().nbytes() == 0, _moved("UntypedStorage.resize_ (in place)")
+
+
+def test_dtensor_local_is_none_for_plain_tensors():
+    # DTensors themselves (FSDP2's shards) are checked in a gloo process: tests/test_parallel_gloo.py (compat)
+    assert _compat.dtensor_local(torch.ones(2)) is None
+    assert _compat.dtensor_local(torch.nn.Parameter(torch.ones(2))) is None
+
+
+def test_fsdp2_prefetch_goes_through_a_static_method_we_can_wrap():
+    owner, name = _compat.fsdp_prefetch_patch_target()
+    assert isinstance(owner.__dict__[name], staticmethod), _moved("FSDPParamGroup._prefetch_unshard (a staticmethod)")
+    assert list(inspect.signature(getattr(owner, name)).parameters) == ["target_fsdp_param_group", "pass_type"], \
+        _moved("FSDPParamGroup._prefetch_unshard(target_fsdp_param_group, pass_type)")

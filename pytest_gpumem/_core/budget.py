@@ -18,10 +18,11 @@ KINDS = ("allocated", "reserved")
 BUDGETED_CATEGORIES = (
     Category.PARAMS, Category.GRADS, Category.OPTIMIZER, Category.BATCH, Category.ACTIVATIONS, Category.TEMPORARIES,
 )
-_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {"total", "kind", "backend", "leak", "rtol", "atol", "device"}
+_KEYWORDS = {c.value for c in BUDGETED_CATEGORIES} | {
+    "total", "kind", "backend", "leak", "rtol", "atol", "device", "parallel"}
 MARKER_SIGNATURE = (
     "gpu_budget(total=None, *, params=None, grads=None, optimizer=None, batch=None, activations=None, "
-    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None)"
+    "temporaries=None, kind='allocated', backend=None, leak=None, rtol=None, atol=None, device=None, parallel=None)"
 )
 
 
@@ -42,6 +43,8 @@ class Budget:
     atol: int | None = None  #: bytes below which a difference from the estimate never fails (None: ini default)
     share: float | None = None  #: total as a share of the device's memory ("90%"), until ``with_device_total``
     device: str | None = None   #: the GPU the emulation predicts for this test (None: --gpumem-device)
+    #: DDP/FSDP/ZeRO strategy the test's steps run with (the budget is per rank); None: one device
+    parallel: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,7 +147,7 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
         raise BudgetError("total given both positionally and as a keyword")
     if all(v is None for v in (*args, *kwargs.values())):
         raise BudgetError("sets nothing: give a total such as gpu_budget('2GB'), a per-category budget "
-                          "(activations='512MiB'), leak=, rtol= or backend=")
+                          "(activations='512MiB'), leak=, rtol=, backend= or parallel=")
     raw_total = args[0] if args else kwargs.get("total")
     share = parse_share("total", raw_total)
     total = None if raw_total is None or share is not None else _size("total", raw_total)
@@ -173,7 +176,13 @@ def budget_from_marker(args: tuple, kwargs: Mapping[str, Any]) -> Budget:
     device = kwargs.get("device")
     if device is not None and not (isinstance(device, str) and device.strip()):
         raise BudgetError(f"device={device!r}: expected a GPU name such as 'H100' or 'A100-80GB'")
-    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes, share, device)
+    parallel = kwargs.get("parallel")
+    if parallel is not None and not getattr(parallel, "gpumem_strategy", False):
+        raise BudgetError(f"parallel={parallel!r}: expected DDP(world_size=...), FSDP(world_size=...) or "
+                          "ZeRO(stage=1|2, world_size=...) from pytest_gpumem (the budget is then per rank)")
+    if parallel is not None and kind == "reserved":
+        raise BudgetError("kind='reserved' is not available with parallel= (per-rank figures are allocated bytes)")
+    return Budget(total, categories, kind, backend, leak_bytes, rtol, atol_bytes, share, device, parallel)
 
 
 def parse_rtol(value: Any) -> float | None:

@@ -21,6 +21,37 @@ def split_from_dict(data: Mapping[str, int]) -> dict[Category, int]:
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """Which rank of which layout a StepReport measured (``StepReport.parallel``)."""
+
+    strategy: str                 #: "DDP", "FSDP" or "ZeRO"
+    world_size: int
+    rank: int
+    settings: Mapping[str, Any]   #: the strategy's ``to_dict()`` (strategy and world_size included)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "world_size": self.world_size, "rank": self.rank,
+                "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RankInfo":
+        return cls(str(data["strategy"]), int(data["world_size"]), int(data["rank"]), dict(data.get("settings") or {}))
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size}, {self.strategy}"
+
+
+_OTHER_PREFIX = f"{Category.OTHER.value}: "
+
+
+def _parts_from_dict(data: Mapping[str, Any]) -> dict[str, int]:
+    """A phase's named parts from JSON; files written before the parts were unified kept ``other``'s apart."""
+    parts = {str(k): int(v) for k, v in (data.get("peak_parts") or {}).items()}
+    parts.update({_OTHER_PREFIX + str(k): int(v) for k, v in (data.get("other_parts") or {}).items()})
+    return parts
+
+
+@dataclass(frozen=True)
 class PhaseStats:
     """What one phase of one step did to memory."""
 
@@ -30,11 +61,17 @@ class PhaseStats:
     peak_split: dict[Category, int]  #: category mix at the phase's peak instant
     retained_split: dict[Category, int]
     reserved_peak: int | None = None  #: max reserved bytes (cuda, emulated), None on cpu
-    #: named parts of ``other`` at the phase's peak (library workspaces), raw bytes; the rest is allocator rounding
-    other_parts: dict[str, int] = field(default_factory=dict)
+    #: named parts at the phase's peak as "category: part", raw bytes: library workspaces in ``other``
+    #: ("other: cuBLAS workspace (main thread)"), distributed buffers ("grads: gradient buckets")
+    peak_parts: dict[str, int] = field(default_factory=dict)
     #: (peak, tracked bytes at it) had the libraries allocated nothing; None without library allocations.
     #: In-process only (not in JSON): the estimate check compares the step's own bytes with it
     without_libraries: tuple[int, int] | None = field(default=None, compare=False)
+
+    @property
+    def other_parts(self) -> dict[str, int]:
+        """The named parts of ``other`` at the peak (library workspaces), without the "other: " prefix."""
+        return {name[len(_OTHER_PREFIX):]: n for name, n in self.peak_parts.items() if name.startswith(_OTHER_PREFIX)}
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -45,8 +82,8 @@ class PhaseStats:
             "peak_split": split_to_dict(self.peak_split),
             "retained_split": split_to_dict(self.retained_split),
         }
-        if self.other_parts:
-            data["other_parts"] = dict(self.other_parts)
+        if self.peak_parts:
+            data["peak_parts"] = dict(self.peak_parts)
         return data
 
     @classmethod
@@ -58,7 +95,7 @@ class PhaseStats:
             peak_split=split_from_dict(data["peak_split"]),
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
-            other_parts={str(k): int(v) for k, v in (data.get("other_parts") or {}).items()},
+            peak_parts=_parts_from_dict(data),
         )
 
 
@@ -115,6 +152,7 @@ class StepReport:
     cuda_version: str | None
     steps: tuple[StepMeasurement, ...]
     notes: tuple[str, ...] = ()   #: what the backend substituted or could not see, in words
+    parallel: RankInfo | None = None  #: the rank and strategy of a data-parallel or sharded step; None: one device
 
     @property
     def peak_step(self) -> StepMeasurement:
@@ -198,6 +236,7 @@ class StepReport:
             **({"other_parts": self.other_parts} if self.other_parts else {}),
             "steps": [s.to_dict() for s in self.steps],
             "notes": list(self.notes),
+            **({"parallel": self.parallel.to_dict()} if self.parallel is not None else {}),
         }
 
     @classmethod
@@ -209,6 +248,7 @@ class StepReport:
             cuda_version=data.get("cuda_version"),
             steps=tuple(StepMeasurement.from_dict(s) for s in data["steps"]),
             notes=tuple(data.get("notes", ())),
+            parallel=RankInfo.from_dict(data["parallel"]) if data.get("parallel") else None,
         )
 
     def table(self, *, verbose: bool = False) -> str:
@@ -261,9 +301,17 @@ def step_table(report: StepReport, *, verbose: bool = False) -> str:
         title += f"; reserved peak {format_bytes(report.reserved_peak)} (allocator segments)"
     if not verbose and len(report.steps) > 1:
         title += f"; showing the {report.peak_step.label} step (-v: all {len(report.steps)} steps)"
+    if report.parallel is not None:
+        title = f"{report.parallel.describe()}: {title}"
     notes = "".join(f"\nnote: {n}" for n in report.notes)
-    parts = report.other_parts
-    if parts:
-        named = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items())
-        notes = f"\nother at the peak holds: {named} (the rest: allocator rounding)" + notes
-    return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{notes}"
+    return f"{title}\n{render_table(header, rows)}\n{STEP_LEGEND}{_parts_line(report)}{notes}"
+
+
+def _parts_line(report: StepReport) -> str:
+    """The named parts of the peak's categories, one line: 'parts at the peak: ...' (library workspaces in
+    ``other``, whose rest is allocator rounding; distributed steps' buffers)."""
+    parts = report.phases[report.peak_phase].peak_parts if report.peak_phase in report.phases else {}
+    if not parts:
+        return ""
+    line = "\nparts at the peak: " + ", ".join(f"{name} {format_bytes(n)}" for name, n in parts.items())
+    return line + (" (the rest of other: allocator rounding)" if report.other_parts else "")

@@ -122,7 +122,7 @@ class Backend:
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         """Turn replayed phases into the reported per-phase figures."""
         return [
-            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None) for r in replays
+            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None, r.peak_parts) for r in replays
         ]
 
 

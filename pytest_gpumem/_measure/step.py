@@ -44,7 +44,11 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[tor
     if optimizer is None:
         return []
     # nested too: LBFGS keeps lists of history vectors (old_dirs, old_stps) in its state
-    return tensors_in([list(state.values()) for state in optimizer.state.values()])
+    held = tensors_in([list(state.values()) for state in optimizer.state.values()])
+    local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this rank's shard lives in its local optimizer
+    if isinstance(local, torch.optim.Optimizer) and local is not optimizer:
+        held += optimizer_state_tensors(local)
+    return held
 
 
 class Session:
@@ -215,8 +219,9 @@ def _merge(earlier: PhaseStats | None, later: PhaseStats) -> PhaseStats:
         return later
     top = earlier if earlier.peak >= later.peak else later
     reserved = [r for r in (earlier.reserved_peak, later.reserved_peak) if r is not None]
+    bare = [b for b in (earlier.without_libraries, later.without_libraries) if b is not None]
     return PhaseStats(later.phase, top.peak, later.retained, top.peak_split, later.retained_split,
-                      max(reserved) if reserved else None)
+                      max(reserved) if reserved else None, top.peak_parts, max(bare) if bare else None)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -276,7 +281,7 @@ def measure_step(
             inputs, target = session.place_batch((batch, target))
             scaler = be.grad_scaler(scaler)
             for index in range(steps):
-                _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
+                one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
             gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
     except StepFailed:
         raise
@@ -327,7 +332,7 @@ def check_step_arguments(model: Any, optimizer: Any, steps: Any) -> None:
         )
 
 
-def _one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
+def one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler):
     """forward -> backward -> optimizer -> zero_grad, each its own phase."""
     __tracebackhide__ = True
     if needs_closure(optimizer):

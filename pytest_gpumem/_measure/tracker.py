@@ -16,7 +16,7 @@ import torch
 
 from .._compat import TorchDispatchMode, storage_key, tree_flatten
 
-from .._compat import sparse_parts
+from .._compat import dtensor_local, sparse_parts
 from .._core.categories import CATEGORIES, Category, Phase
 
 #: Priority when a storage was marked twice: a parameter saved for backward stays a parameter.
@@ -29,6 +29,9 @@ _PRIORITY: dict[Category, int] = {
     Category.TEMPORARIES: 5,
     Category.OTHER: 6,
 }
+
+#: tensor types whose ops may take the backend's kernel shortcuts (a wrapper subclass such as DTensor may not)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 RoundFn = Callable[[int], int]
 Kernel = Callable[[Any, tuple, dict], Any]  #: (func, args, kwargs) -> what func(*args, **kwargs) returns
@@ -70,7 +73,9 @@ class PhaseReplay:
     retained: int
     retained_split: dict[Category, int]
     events: tuple[int, int]  #: [first, last) event indices, for allocator models
-    peak_parts: dict[str, int] = field(default_factory=dict)  #: named parts of ``other`` at the peak
+    #: named parts at the peak, raw bytes, as "category: part" ("other: cuBLAS workspace (main thread)",
+    #: "grads: gradient buckets"); library workspaces (``library_allocation``) and ``mark_part`` names alike
+    peak_parts: dict[str, int] = field(default_factory=dict)
     #: with library allocations: (peak, tracked bytes at it) of the same log without them, else None
     without_libraries: tuple[int, int] | None = None
 
@@ -94,19 +99,23 @@ class StorageTracker(TorchDispatchMode):
         self._live: dict[int, tuple[int, int, int, weakref.ref]] = {}  # storage_key -> (key, size, raw, ref)
         self._next_key = 0
         self._marks: dict[int, Category] = {}
+        self._ignored: dict[int, weakref.ref] = {}  #: storages that are not this measurement's, while they live
+        #: key -> its named part within its category: ``mark_part`` names (distributed steps' buffers) and
+        #: ``library_allocation`` names (workspaces, in ``other``)
+        self._parts: dict[int, str] = {}
+        self._library: set[int] = set()  #: keys of library allocations (kept for the process, never freed)
         self._closed = False
         #: called before every op; ``track()`` uses it to notice that autograd's backward began
         self.on_dispatch: Callable[[], None] | None = None
         #: called after every op with (tracker, func, args, kwargs); the emulated backend adds library workspaces
         self.after_op: Callable[[StorageTracker, Any, tuple, dict], None] | None = None
-        self._parts: dict[int, str] = {}  # key -> its named part of ``other`` (library allocations)
 
     # -- recording ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.on_dispatch is not None:
             self.on_dispatch()
         kwargs = kwargs or {}
-        if self._shortcuts is None:
+        if self._shortcuts is None or not _PLAIN_TYPES.issuperset(types):  # a DTensor op: its own dispatch shards it
             out = func(*args, **kwargs)
         else:
             try:
@@ -132,6 +141,7 @@ class StorageTracker(TorchDispatchMode):
         self._next_key += 1
         self._marks[key] = Category.OTHER
         self._parts[key] = part
+        self._library.add(key)
         self._record(key, self.rounding(nbytes), nbytes)
         return key
 
@@ -141,6 +151,9 @@ class StorageTracker(TorchDispatchMode):
         A sparse COO tensor holds two storages (indices and values): both are registered, the key of its
         values is returned; other layouts are not tracked.
         """
+        local = dtensor_local(tensor)
+        if local is not None:  # a DTensor (FSDP2's sharded parameters, their grads and state): this rank's shard
+            return self.observe(local)
         if tensor.device.type != self.device_type:
             return None
         if tensor.layout == torch.sparse_coo:
@@ -155,6 +168,8 @@ class StorageTracker(TorchDispatchMode):
             return None
         ident = storage_key(tensor)
         entry = self._live.get(ident)
+        if entry is None and ident in self._ignored:
+            return None
         raw = storage.nbytes()
         if entry is not None:
             key, size, old_raw, ref = entry
@@ -204,6 +219,34 @@ class StorageTracker(TorchDispatchMode):
                 old = self._marks.get(key)
                 if old is None or _PRIORITY[category] < _PRIORITY[old]:
                     self._marks[key] = category
+
+    def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Never register the storages of ``tensors`` while they live: they are not the measured step's (the
+        whole-model copy a sharded layout is made from, which a rank initialised on meta never holds)."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            ident = storage_key(t)
+            self._ignored[ident] = weakref.ref(storage, lambda _ref, ident=ident: self._ignored.pop(ident, None))
+
+    def mark_part(self, tensors: Iterable[torch.Tensor], part: str) -> None:
+        """Name what the storages of ``tensors`` are within their category ('gradient buckets'); first name wins."""
+        for t in tensors:
+            key = self.observe(t) if t is not None else None
+            if key is not None:
+                self._parts.setdefault(key, part)
+
+    def storage_resized(self, storage: Any) -> None:
+        """A tracked storage was resized outside the dispatcher (``UntypedStorage.resize_``): a free and an allocation."""
+        entry = self._live.get(storage._cdata)
+        if entry is None or self._closed:
+            return
+        key, size, old_raw, ref = entry
+        raw = storage.nbytes()
+        if raw != old_raw:
+            self._record(key, -size, -old_raw)
+            size = self.rounding(raw)
+            self._live[storage._cdata] = (key, size, raw, ref)
+            self._record(key, size, raw)
 
     def key_of(self, tensor: torch.Tensor) -> int | None:
         """The key of ``tensor``'s storage if it is live and tracked."""
@@ -271,8 +314,8 @@ class StorageTracker(TorchDispatchMode):
                         retained=allocated,
                         retained_split=split(totals, allocated),
                         events=(first, alloc_index),
-                        peak_parts=dict(peak_parts),
-                        without_libraries=bare if self._parts else None,
+                        peak_parts={k: v for k, v in peak_parts.items() if v},
+                        without_libraries=bare if self._library else None,
                     )
                 )
 
@@ -285,15 +328,19 @@ class StorageTracker(TorchDispatchMode):
                 continue
             alloc_index += 1
             allocated += ev.delta
-            idx = cat_index[self.category_of(ev.key)]
-            totals[idx] += ev.raw
-            if self._parts and ev.key in self._parts:
-                name = self._parts[ev.key]
+            category = self.category_of(ev.key)
+            totals[cat_index[category]] += ev.raw
+            part = self._parts.get(ev.key) if self._parts else None
+            if part is not None:
+                name = f"{category.value}: {part}"
                 parts[name] = parts.get(name, 0) + ev.raw
-                library += ev.delta
+                if ev.key in self._library:
+                    library += ev.delta
             if allocated > peak:
-                peak, peak_mix, peak_parts = allocated, list(totals), dict(parts)
-            if self._parts and allocated - library > bare[0]:
+                peak, peak_mix = allocated, list(totals)
+                if self._parts:
+                    peak_parts = dict(parts)
+            if self._library and allocated - library > bare[0]:
                 bare = (allocated - library, sum(totals) - totals[other])
         close_phase()
         return results

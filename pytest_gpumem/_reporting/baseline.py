@@ -130,6 +130,8 @@ class BaselineEntry:
     category_peaks: dict[str, int]
     phase_peaks: dict[str, int]
     reserved_peak: int | None = None
+    #: a distributed step's layout and the rank the figures are of ({"strategy", "world_size", "rank"})
+    parallel: dict[str, Any] | None = None
 
     def value(self, scope: str) -> int | None:
         """The saved figure for a scope ('peak', 'reserved' or a category); None if not saved."""
@@ -147,15 +149,20 @@ class BaselineEntry:
             category_peaks={c.value: report.category_peak(c) for c in CATEGORIES},
             phase_peaks={p.value: v for p, v in report.phase_peaks().items()},
             reserved_peak=report.reserved_peak,
+            parallel=({"strategy": report.parallel.strategy, "world_size": report.parallel.world_size,
+                       "rank": report.parallel.rank} if report.parallel is not None else None),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "peak_bytes": self.peak,
             "reserved_peak_bytes": self.reserved_peak,
             "category_peaks": dict(self.category_peaks),
             "phase_peaks": dict(self.phase_peaks),
         }
+        if self.parallel is not None:
+            data["parallel"] = dict(self.parallel)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "BaselineEntry":
@@ -168,6 +175,7 @@ class BaselineEntry:
             category_peaks=_byte_map(data.get("category_peaks", {}), "category_peaks"),
             phase_peaks=_byte_map(data.get("phase_peaks", {}), "phase_peaks"),
             reserved_peak=_int(reserved, "reserved_peak_bytes") if reserved is not None else None,
+            parallel=dict(data["parallel"]) if isinstance(data.get("parallel"), dict) else None,
         )
 
 

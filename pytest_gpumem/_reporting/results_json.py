@@ -73,6 +73,8 @@ def results_entry(record: TestRecord, regression: Mapping[str, Any] | None = Non
         "regression": dict(regression) if regression is not None else None,
         "report": report,
     }
+    if report is not None and report.get("parallel"):  # a distributed step: the rank the figures are of
+        entry["parallel"] = {k: report["parallel"][k] for k in ("strategy", "world_size", "rank")}
     return entry
 
 
