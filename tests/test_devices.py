@@ -256,3 +256,38 @@ def test_the_batch_size_advisor_counts_the_named_gpus_workspaces():
     a100 = advise_batch_size(*args, budget="40MiB", safety=1.0, backend="emulated", device="A100")
     assert a100.fixed_bytes - plain.fixed_bytes == 2 * OLDER + LT == 18_087_936
     assert a100.max_batch < plain.max_batch
+
+
+def test_a_backward_run_twice_in_a_step_keeps_the_workspaces_and_the_peak_without_them():
+    """Gradient accumulation: the phase's two runs are merged; the named parts and the workspace-free peak the
+    estimate check compares with must come through the merge (they were dropped before)."""
+    from pytest_gpumem import Phase, track
+
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 8)).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    big, small = torch.randn(256, 64, device="meta"), torch.randn(4, 64, device="meta")
+    with track(model, optimizer, backend=make_backend("emulated", device="H100")) as handle:
+        model(big).sum().backward()
+        model(small).sum().backward()
+        optimizer.step()
+    backward = handle.report.steps[0].phases[Phase.BACKWARD]
+    # both workspaces of the main thread come from forward's addmm (1-D bias: cuBLASLt), autograd's thread's cuBLAS
+    # from backward's mm; all three are live at backward's peak
+    assert backward.other_parts == {"cuBLAS workspace (main thread)": HOPPER, "cuBLASLt workspace (main thread)": LT,
+                                    "cuBLAS workspace (autograd thread)": HOPPER}
+    assert backward.without_libraries is not None
+    bare_peak, _ = backward.without_libraries
+    # the big batch's backward peaks after autograd's thread took its workspace: all three (68,157,440 B) on top
+    assert backward.peak - bare_peak == 2 * HOPPER + LT == 68_157_440
+
+
+def test_phase_parts_round_trip_json_and_older_files_naming_other_parts_apart_still_load():
+    from pytest_gpumem._core.results import PhaseStats
+
+    stats = _mlp_step("H100").phases[_mlp_step("H100").peak_phase]
+    again = PhaseStats.from_dict(stats.to_dict())
+    assert again.peak_parts == stats.peak_parts and again.other_parts == stats.other_parts
+    assert all(name.startswith("other: ") for name in stats.to_dict()["peak_parts"])
+    older = {**stats.to_dict(), "other_parts": {"cuBLAS workspace (main thread)": HOPPER}}
+    del older["peak_parts"]
+    assert PhaseStats.from_dict(older).peak_parts == {"other: cuBLAS workspace (main thread)": HOPPER}

@@ -143,3 +143,26 @@ def test_an_error_in_the_child_comes_back_as_step_failed_with_its_traceback():
 
     with pytest.raises(StepFailed, match=r"KeyError: 'no such layer'\n\(in the emulated rank's process\)"):
         report_from_child(fails)
+
+
+def test_emulated_ranks_of_a_named_gpu_hold_its_library_workspaces_each():
+    """Every rank is its own CUDA process: each keeps the cuBLAS/cuBLASLt workspaces the named GPU's profile gives.
+
+    The MLP's first Linear runs addmm with a 1-D bias (cuBLASLt) in forward, its backward mm runs on autograd's
+    thread: 32 MiB (H100 cuBLAS) + 1 MiB (cuBLASLt) on the main thread, 32 MiB on autograd's = 68,157,440 B a rank.
+    """
+    model, optimizer, batch, target, loss = cases.case("mlp")
+    plain = measure_parallel_step(model, optimizer, batch, target=target, loss_fn=loss, parallel=DDP(2),
+                                  backend="emulated")
+    h100 = measure_parallel_step(model, optimizer, batch, target=target, loss_fn=loss, parallel=DDP(2),
+                                 backend="emulated", device="H100")
+    for rank in (0, 1):
+        assert h100.ranks[rank].other_parts == {"cuBLAS workspace (main thread)": 32 * 2**20,
+                                                "cuBLASLt workspace (main thread)": 2**20,
+                                                "cuBLAS workspace (autograd thread)": 32 * 2**20}
+        assert h100.ranks[rank].peak - plain.ranks[rank].peak == 68_157_440
+        # the DDP buckets and the workspaces are named side by side at the peak
+        parts = h100.ranks[rank].phases[h100.ranks[rank].peak_phase].peak_parts
+        assert parts["grads: gradient buckets"] == plain.ranks[rank].phases[plain.ranks[rank].peak_phase].peak_parts[
+            "grads: gradient buckets"]
+    assert plain.ranks[0].other_parts == {}
