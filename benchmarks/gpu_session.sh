@@ -122,9 +122,11 @@ else
     stage accuracy_cpu_check 120 "$PY" benchmarks/accuracy.py --only mnist --json "$RESULTS/accuracy-cpu-$STAMP.json"
 fi
 
-# 6. the examples on the cuda backend, with the report and the JSON results
+# 6. the examples on the cuda backend, with the report and the JSON results; the DDP/FSDP examples are left
+#    out: one process on one GPU cannot run ranks (the cuda backend refuses parallel=, by design)
 if [[ $GPU == 1 ]]; then
     stage examples 180 "$PY" -m pytest examples --gpumem-backend=cuda --gpumem-report \
+        --ignore=examples/test_ddp_budget.py --ignore=examples/test_fsdp_budget.py \
         "--gpumem-json=$RESULTS/examples-cuda-$STAMP.json" -p no:cacheprovider -q
 else
     skip examples_cuda "no GPU"
