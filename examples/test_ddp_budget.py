@@ -19,16 +19,19 @@ def mnist_mlp() -> nn.Module:
                          nn.Linear(512, 10))
 
 
-# measured with gloo ranks on the cpu backend (torch 2.14.1): peak 16.03 MiB (16.8 MB) per rank; budget = peak + 25%
-@pytest.mark.gpu_budget("21MB", parallel=DDP(world_size=2))
-def test_ddp_rank_budget(gpumem):
+def ddp_step(gpumem):
+    """One AdamW step of the MLP on a global batch of 128 images, laid out by the marker's DDP; (result, Ψ)."""
     model = mnist_mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, labels = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-
     result = gpumem.train_step(model, optimizer, images, target=labels)
+    return result, sum(p.numel() for p in model.parameters())
 
-    psi = sum(p.numel() for p in model.parameters())
+
+# measured with gloo ranks on the cpu backend (torch 2.14.1): peak 16.03 MiB (16.8 MB) per rank; budget = peak + 25%
+@pytest.mark.gpu_budget("21MB", parallel=DDP(world_size=2))
+def test_ddp_rank_budget(gpumem):
+    result, psi = ddp_step(gpumem)
     for report in result.ranks:  # every rank holds the same: DDP replicates
         after_backward = report.steps[-1].phases[Phase.BACKWARD].retained_split
         # .grad (4Ψ) plus the buckets beside it (4Ψ)
@@ -39,12 +42,6 @@ def test_ddp_rank_budget(gpumem):
 
 @pytest.mark.gpu_budget("21MB", parallel=DDP(world_size=2, gradient_as_bucket_view=True))
 def test_ddp_bucket_views_save_a_copy_of_the_gradients(gpumem):
-    model = mnist_mlp()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images, labels = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-
-    result = gpumem.train_step(model, optimizer, images, target=labels)
-
-    psi = sum(p.numel() for p in model.parameters())
+    result, psi = ddp_step(gpumem)
     # the .grad tensors are views into the buckets: one copy, 4Ψ
     assert result.ranks[0].steps[-1].phases[Phase.BACKWARD].retained_split[Category.GRADS] == 4 * psi

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .._core.results import StepReport
 from .._measure.step import StepFailed
@@ -24,8 +24,9 @@ def can_fork() -> bool:
     return hasattr(os, "fork")
 
 
-def report_from_child(measure: Callable[[], StepReport]) -> StepReport:
-    """``measure()`` run in a forked child; its report, or StepFailed carrying the child's error and traceback."""
+def fork_with_pipe(child_main: Callable[[int], None]) -> tuple[int, int]:
+    """Fork; the child runs ``child_main(write_fd)``, which ends with ``send_and_exit``; the parent gets
+    (child pid, read end of the pipe). Shared by the emulated ranks' child and the gloo ranks."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -34,8 +35,29 @@ def report_from_child(measure: Callable[[], StepReport]) -> StepReport:
         pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(read_fd)
-        _child(measure, write_fd)
+        try:
+            child_main(write_fd)
+        finally:
+            os._exit(1)  # child_main returned or raised without sending: the parent sees no payload
     os.close(write_fd)
+    return pid, read_fd
+
+
+def send_and_exit(fd: int, payload: dict, code: int) -> NoReturn:
+    """In a forked child: write ``payload`` as JSON to ``fd`` and leave at once (no atexit handlers, no pytest
+    teardown: they belong to the parent)."""
+    try:
+        data = memoryview(json.dumps(payload, default=str).encode())
+        while data:
+            data = data[os.write(fd, data):]
+        os.close(fd)
+    finally:
+        os._exit(code)
+
+
+def report_from_child(measure: Callable[[], StepReport]) -> StepReport:
+    """``measure()`` run in a forked child; its report, or StepFailed carrying the child's error and traceback."""
+    pid, read_fd = fork_with_pipe(lambda fd: _child(measure, fd))
     chunks = []
     with os.fdopen(read_fd, "rb") as pipe:
         while chunk := pipe.read(1 << 16):
@@ -49,17 +71,11 @@ def report_from_child(measure: Callable[[], StepReport]) -> StepReport:
     return StepReport.from_dict(payload["report"])
 
 
-def _child(measure: Callable[[], StepReport], fd: int) -> None:
+def _child(measure: Callable[[], StepReport], fd: int) -> NoReturn:
     code = 1
     try:
         payload = {"report": measure().to_dict()}
         code = 0
     except BaseException as exc:  # noqa: BLE001 - whatever the rank raised goes to the parent
         payload = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    try:
-        data = memoryview(json.dumps(payload, default=str).encode())
-        while data:
-            data = data[os.write(fd, data):]
-        os.close(fd)
-    finally:
-        os._exit(code)  # no atexit handlers, no pytest teardown: they belong to the parent
+    send_and_exit(fd, payload, code)

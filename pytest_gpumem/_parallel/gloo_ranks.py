@@ -18,12 +18,13 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NoReturn
 
 from .._core.results import StepReport
 from .._measure.step import StepFailed
+from .clean_child import fork_with_pipe, send_and_exit
 from .runners import ParallelStep, parallel_runner
 
 #: more ranks than this on one CPU is slow and says nothing new; the emulated backend takes any world size
@@ -73,20 +74,11 @@ def run_gloo_ranks(step: ParallelStep) -> tuple[StepReport, ...]:
 
 
 def _fork_rank(step: ParallelStep, rank: int, store_path: str) -> _Rank:
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with warnings.catch_warnings():  # Python >= 3.12 warns about fork in a threaded process (xdist's execnet)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the rank: never returns
-        os.close(read_fd)
-        _rank_main(step, rank, store_path, write_fd)
-    os.close(write_fd)
+    pid, read_fd = fork_with_pipe(lambda fd: _rank_main(step, rank, store_path, fd))
     return _Rank(rank, pid, read_fd)
 
 
-def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> None:
+def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> NoReturn:
     """Inside the forked rank: join the group, measure, send JSON, leave without running the parent's cleanup."""
     code = 1
     try:
@@ -107,14 +99,7 @@ def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> None:
         code = 0
     except BaseException as exc:  # noqa: BLE001 - whatever the rank raised goes to the parent
         payload = {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    try:
-        data = json.dumps(payload, default=str).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.close(fd)
-    finally:
-        os._exit(code)
+    send_and_exit(fd, payload, code)
 
 
 def _die_with_parent() -> None:
