@@ -2,9 +2,7 @@
 group) against closed forms and against real gloo ranks on the CPU."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +20,7 @@ from pytest_gpumem._parallel.runners import ParallelStep  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import parallel_agreement_cases as cases  # noqa: E402
+from fresh_interpreter import run_script_once  # noqa: E402
 
 
 def _step(model_name: str, layout) -> ParallelStep:
@@ -61,13 +60,9 @@ def test_zero1_ranks_hold_different_optimizer_state_that_adds_up_to_one_copy():
 
 
 @pytest.fixture(scope="module")
-def gloo_peaks():
-    """Every case measured on real gloo ranks, in a fresh interpreter (see parallel_agreement_cases)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, os.path.join(HERE, "parallel_agreement_cases.py")], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+def gloo_peaks(tmp_path_factory):
+    """Every case measured on real gloo ranks, in a fresh interpreter (see parallel_agreement_cases), once a run."""
+    return run_script_once(tmp_path_factory, "parallel_agreement_cases.py", timeout_s=600)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo ranks are forked processes")

@@ -1,6 +1,6 @@
 """Distributed steps measured for real: forked gloo ranks on the CPU, against the closed forms and each other.
 
-Runs are shared per module and made in a fresh interpreter (parallel_gloo_cases.py): one per (strategy, world
+Runs are shared by the run's xdist workers and made in a fresh interpreter (parallel_gloo_cases.py): one per (strategy, world
 size), plus a rank that raises and one past its timeout.
 """
 from __future__ import annotations
@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,22 +16,17 @@ from pytest_gpumem import DDP, FSDP, Category, ParallelReport, Phase, ZeRO, mode
 from pytest_gpumem._measure.step import StepFailed
 from pytest_gpumem._parallel.model_check import measured_model_states, model_state_estimate
 
+from fresh_interpreter import run_script_once
 from parallel_gloo_cases import CASES, adam, uneven
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
                                 reason="cpu ranks fork one process per rank and need torch.distributed (gloo)")
 
 
-CASES_SCRIPT = Path(__file__).with_name("parallel_gloo_cases.py")
-
-
 @pytest.fixture(scope="module")
-def measured():
-    """Every case of parallel_gloo_cases.py measured once, in a fresh interpreter (see its docstring)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CASES_SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(CASES_SCRIPT)], capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measured(tmp_path_factory):
+    """Every case of parallel_gloo_cases.py measured once a run, in a fresh interpreter (see its docstring)."""
+    return run_script_once(tmp_path_factory, "parallel_gloo_cases.py", timeout_s=900)
 
 
 @pytest.fixture(scope="module")
