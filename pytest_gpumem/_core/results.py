@@ -67,6 +67,9 @@ class PhaseStats:
     #: (peak, tracked bytes at it) had the libraries allocated nothing; None without library allocations.
     #: In-process only (not in JSON): the estimate check compares the step's own bytes with it
     without_libraries: tuple[int, int] | None = field(default=None, compare=False)
+    #: the most raw bytes each named part held at any instant of the phase, whether or not at its peak
+    #: (what the closed forms of communication buffers predict)
+    part_peaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def other_parts(self) -> dict[str, int]:
@@ -84,6 +87,8 @@ class PhaseStats:
         }
         if self.peak_parts:
             data["peak_parts"] = dict(self.peak_parts)
+        if self.part_peaks:
+            data["part_peaks"] = dict(self.part_peaks)
         return data
 
     @classmethod
@@ -96,6 +101,7 @@ class PhaseStats:
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
             peak_parts=_parts_from_dict(data),
+            part_peaks={str(k): int(v) for k, v in (data.get("part_peaks") or {}).items()},
         )
 
 
