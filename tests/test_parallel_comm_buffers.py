@@ -236,3 +236,45 @@ def test_a_budget_test_fails_naming_the_buffer_that_contradicts(pytester):
                                  "*likely cause*", "*- params: unsharded: more (or fewer) parameters gathered*"])
     tests = {t["nodeid"].split("::")[1]: t for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
     assert tests["test_buffers_hold"]["estimate"]["ranks"][0]["comm_buffers"][UNSHARDED] == 2_176
+
+
+def test_a_part_that_peaks_before_the_phase_peak_keeps_its_own_most():
+    """part_peaks: the most each named part held in the phase, where peak_parts shows it at the phase's peak."""
+    from pytest_gpumem import Category, Phase
+    from pytest_gpumem._core.results import PhaseStats
+    from pytest_gpumem._measure.tracker import StorageTracker
+
+    with StorageTracker("cpu") as tracker:
+        tracker.start_phase(0, Phase.FORWARD)
+        gathered = torch.empty(250)                  # 1,000 B, named below, freed before the peak
+        tracker.mark([gathered], Category.PARAMS)
+        tracker.mark_part([gathered], "unsharded")
+        del gathered
+        big = torch.empty(1000)                      # 4,000 B unnamed: the phase's peak
+        del big
+    (replay,) = tracker.replay()
+    assert replay.peak == 4_000
+    assert replay.peak_parts == {} and replay.part_peaks == {"params: unsharded": 1_000}
+    stats = PhaseStats(Phase.FORWARD, 4_000, 0, {}, {}, part_peaks=dict(replay.part_peaks))
+    assert PhaseStats.from_dict(json.loads(json.dumps(stats.to_dict()))).part_peaks == {"params: unsharded": 1_000}
+
+
+def _nested(model):
+    return [*model.blocks, *(block.mlp for block in model.blocks)]
+
+
+def test_nested_units_are_sharded_inner_first_and_gathered_inside_their_outer_unit():
+    # units: root 51,080 B; each block without its MLP: 49,984 - 16,640 - 16,448 = 16,896 elements = 67,584 B;
+    # each MLP 33,088 elements = 132,352 B. Forward (resharded after each unit): root + block + its MLP gathered
+    # together, 51,080 + 67,584 + 132,352 = 251,016 B; the all-gather buffers of block 0's MLP and block 1
+    # overlap: 132,352 + 67,584 = 199,936 B (root + block 0 is 118,664 B). Backward: block 1 prefetches its MLP,
+    # the MLP prefetches block 0 (the unit whose forward ended before): at most 132,352 B.
+    layout = FSDP(2, wrap=_nested)
+    assert [u.all_gather for u in unit_buffers(cases.case("transformer")[0], layout)] == [
+        51_080, 67_584, 132_352, 67_584, 132_352]  # module order: block 0, its MLP, block 1, its MLP
+    assert closed("transformer", layout) == {ALL_GATHER: 199_936, UNSHARDED: 251_016, PREFETCHED: 132_352,
+                                             REDUCE_SCATTER: 132_352}
+    model, optimizer, batch, target, loss = cases.case("transformer")
+    estimate = model_state_estimate(model, optimizer, layout, device="cuda")
+    result = _emulated(model, optimizer, batch, target, loss, layout)  # fully_shard on an outer unit first fails
+    assert [measured_buffer_peaks(r) for r in result.ranks] == list(estimate.buffers)

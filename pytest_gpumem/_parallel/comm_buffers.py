@@ -46,6 +46,7 @@ class UnitBuffers:
     name: str            #: the unit's module path ('' for the root's own parameters)
     all_gather: int      #: world_size x padded shards, in the gather dtype (= its unsharded parameters)
     reduce_scatter: int  #: its padded gradients in the reduce dtype (0 without trainable parameters)
+    parent: int = -1     #: index of the nearest enclosing unit in the list, -1 at the top
 
 
 def padded_numel(shape: tuple[int, ...], world_size: int) -> int:
@@ -55,24 +56,27 @@ def padded_numel(shape: tuple[int, ...], world_size: int) -> int:
 
 
 def unit_buffers(model: nn.Module, strategy: FSDP) -> list[UnitBuffers]:
-    """The units FSDP2 builds for ``model`` in forward order (root first, then ``fsdp_units`` in module
-    order), each parameter in the innermost unit holding it; units without parameters are left out."""
-    units = fsdp_units(model, strategy.wrap)
+    """The units FSDP2 builds for ``model`` in module order (the root's own parameters first, then ``fsdp_units``),
+    each parameter in the innermost unit holding it; units without parameters of their own are left out."""
+    modules = [model, *fsdp_units(model, strategy.wrap)]
     owner: dict[int, int] = {}
-    for index, unit in enumerate([model, *units]):  # module order: an inner unit comes after its outer one
+    inside: list[set[int]] = []
+    for index, unit in enumerate(modules):  # module order: an inner unit comes after its outer one
+        inside.append({id(m) for m in unit.modules()})
         for p in unit.parameters():
             owner[id(p)] = index
     names = {id(m): name for name, m in model.named_modules()}
-    ws = strategy.world_size
-    out = []
-    for index, unit in enumerate([model, *units]):
+    ws, kept, out = strategy.world_size, {}, []
+    for index, unit in enumerate(modules):
         params = [p for p in unit.parameters() if owner[id(p)] == index]
         if not params:
             continue
         gather = sum(padded_numel(tuple(p.shape), ws) * (strategy.param_dtype or p.dtype).itemsize for p in params)
         reduce = sum(padded_numel(tuple(p.shape), ws) * _reduce_dtype(strategy, p.dtype).itemsize
                      for p in params if p.requires_grad)
-        out.append(UnitBuffers(names[id(unit)], gather, reduce))
+        outer = [kept[i] for i in kept if i != index and id(unit) in inside[i]]
+        kept[index] = len(out)
+        out.append(UnitBuffers(names[id(unit)], gather, reduce, max(outer, default=-1)))
     return out
 
 
@@ -80,39 +84,82 @@ def _reduce_dtype(strategy: FSDP, dtype: torch.dtype) -> torch.dtype:
     return strategy.reduce_dtype or strategy.param_dtype or dtype
 
 
-def fsdp_buffer_peaks(units: list[UnitBuffers], world_size: int, reshard_after_forward: bool,
-                      root_has_params: bool) -> dict[str, int]:
-    """The most bytes each FSDP2 buffer part reaches in one steady training step, for ``units`` in forward order
-    (the root's own unit first when ``root_has_params``)."""
-    gathers = [u.all_gather for u in units]
-    if not gathers:
+def forward_events(units: list[UnitBuffers]) -> list[tuple[str, int]]:
+    """("pre", i) / ("post", i) of each unit's forward hooks, in the order they run: a unit's forward encloses
+    its inner units' (units run in module order: the closed form's one assumption about the model's code)."""
+    events: list[tuple[str, int]] = []
+    open_units: list[int] = []
+    for index, unit in enumerate(units):
+        while open_units and open_units[-1] != unit.parent:
+            events.append(("post", open_units.pop()))
+        events.append(("pre", index))
+        open_units.append(index)
+    events += [("post", i) for i in reversed(open_units)]
+    return events
+
+
+class _Parts:
+    """Running bytes of each named part and the most each reached."""
+
+    def __init__(self) -> None:
+        self.now: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+
+    def add(self, part: str, size: int) -> None:
+        self.now[part] = self.now.get(part, 0) + size
+        self.most[part] = max(self.most.get(part, 0), self.now[part])
+
+
+def fsdp_buffer_peaks(units: list[UnitBuffers], world_size: int, reshard_after_forward: bool) -> dict[str, int]:
+    """The most bytes each FSDP2 buffer part reaches in one training step (every unit sharded at its start).
+
+    Forward: a unit's pre-forward gathers it (its output kept until the next unit's copy-out), its post-forward
+    reshards it (``reshard_after_forward``). Backward replays the forward hooks in reverse: a unit's pre-backward
+    (its post-forward reversed) gathers it unless prefetched, then prefetches the unit whose forward ended just
+    before its own; its post-backward reshards it and reduce-scatters its gradients (the previous input freed first).
+    """
+    if not units:
         return {}
-    if world_size == 1:  # no collective: the unsharded parameters are copies of the (whole) local shards
-        return {UNSHARDED: sum(gathers) if not reshard_after_forward else _unsharded_one_at_a_time(
-            gathers, root_has_params)}
-    # forward: unit i's output lives until unit i+1's copy-out, after unit i+1's own output is allocated
-    forward_gather = max(a + b for a, b in zip(gathers, gathers[1:])) if len(gathers) > 1 else gathers[0]
-    peaks = {ALL_GATHER: forward_gather, REDUCE_SCATTER: max(u.reduce_scatter for u in units)}
-    if not reshard_after_forward:
-        peaks[UNSHARDED] = sum(gathers)  # every unit gathered by the forward's end, resharded one by one in backward
-        return {k: v for k, v in peaks.items() if v}
-    peaks[UNSHARDED] = _unsharded_one_at_a_time(gathers, root_has_params)
-    # backward: each unit prefetches the one that ran before it in forward; the first to run backward (the
-    # root when it holds parameters, else the last unit) gathers itself, unprefetched
-    children = gathers[1:] if root_has_params else gathers
-    prefetched = children if root_has_params else children[:-1]
-    peaks[ALL_GATHER] = max(peaks[ALL_GATHER], gathers[0] if root_has_params else gathers[-1])
-    if prefetched:
-        peaks[PREFETCHED] = max(prefetched)
-    return {k: v for k, v in peaks.items() if v}
-
-
-def _unsharded_one_at_a_time(gathers: list[int], root_has_params: bool) -> int:
-    """Resharded after each unit: one unit gathered at a time, beside the root's own parameters (gathered from
-    the root's pre-forward to its post-forward, and through all of backward)."""
-    if not root_has_params:
-        return max(gathers)
-    return gathers[0] + max(gathers[1:], default=0)
+    sizes = [u.all_gather for u in units]
+    events = forward_events(units)
+    order = [i for kind, i in events if kind == "post"]  # FSDP2's post-forward order
+    parts, unsharded, pending, deferred = _Parts(), set(), set(), 0
+    for kind, i in events:
+        if kind == "pre":
+            parts.add(ALL_GATHER, sizes[i])
+            parts.add(ALL_GATHER, -deferred)
+            deferred = sizes[i]
+            unsharded.add(i)
+            parts.add(UNSHARDED, sizes[i])
+        elif reshard_after_forward:
+            unsharded.discard(i)
+            parts.add(UNSHARDED, -sizes[i])
+    parts.add(ALL_GATHER, -deferred)  # the root's post-forward lets go of the last output
+    reducing = 0
+    for kind, i in reversed(events):
+        if kind == "post":  # pre-backward
+            if i in pending:
+                pending.discard(i)
+                parts.add(PREFETCHED, -sizes[i])
+            elif i not in unsharded:
+                parts.add(ALL_GATHER, sizes[i])
+                parts.add(ALL_GATHER, -sizes[i])
+            if i not in unsharded:
+                unsharded.add(i)
+                parts.add(UNSHARDED, sizes[i])
+            before = order.index(i) - 1
+            if before >= 0 and order[before] not in unsharded and order[before] not in pending:
+                pending.add(order[before])
+                parts.add(PREFETCHED, sizes[order[before]])
+        else:  # post-backward
+            unsharded.discard(i)
+            parts.add(UNSHARDED, -sizes[i])
+            if units[i].reduce_scatter:
+                parts.add(REDUCE_SCATTER, units[i].reduce_scatter - reducing)
+                reducing = units[i].reduce_scatter
+    if world_size == 1:  # no collectives: only the unsharded copies are allocated
+        return {UNSHARDED: parts.most[UNSHARDED]}
+    return {k: v for k, v in parts.most.items() if v}
 
 
 def comm_buffers(model: nn.Module, strategy: Strategy, states: tuple[ModelStates, ...]) -> tuple[dict[str, int], ...]:
@@ -121,7 +168,5 @@ def comm_buffers(model: nn.Module, strategy: Strategy, states: tuple[ModelStates
         return tuple({BUCKETS: s.buckets} if s.buckets else {} for s in states)
     fsdp = strategy.as_fsdp() if isinstance(strategy, ZeRO) else strategy
     assert isinstance(fsdp, FSDP)
-    units = unit_buffers(model, fsdp)
-    root_has_params = bool(units) and units[0].name == ""
-    peaks = fsdp_buffer_peaks(units, fsdp.world_size, fsdp.reshard_after_forward, root_has_params)
+    peaks = fsdp_buffer_peaks(unit_buffers(model, fsdp), fsdp.world_size, fsdp.reshard_after_forward)
     return tuple(dict(peaks) for _ in states)
