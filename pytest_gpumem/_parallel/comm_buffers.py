@@ -5,12 +5,14 @@ gives the measured parts (``PhaseStats.part_peaks``). What torch allocates (read
 ``_fsdp_collectives.py``/``_fsdp_param_group.py``; the same on torch 2.11 and 2.14; checked against gloo
 and emulated ranks, tests/test_parallel_comm_buffers.py):
 
-- FSDP2, per unit: one flat all-gather output of world_size x the unit's padded shards (each parameter's
+- FSDP2, per unit (the root's own parameters, then each unit in module order, an inner unit's hooks running
+  within its outer unit's: module order is taken for forward order, the one assumption about the model's code):
+  one flat all-gather output of world_size x the unit's padded shards (each parameter's
   dim 0 padded up to a multiple of world_size), in ``param_dtype`` when given; the unsharded parameters are
   views of per-parameter outputs of the same padded sizes, so a unit's unsharded bytes equal its buffer.
   Forward keeps a unit's all-gather output until the next unit's copy-out (overlap), so two consecutive
-  units' buffers are alive together. Backward gathers one unit ahead ("prefetched"): the unit that ran before
-  in forward. Each unit's gradients are copied into one flat padded reduce-scatter input in ``reduce_dtype``
+  units' buffers are alive together. Backward replays the hooks in reverse and gathers one unit ahead
+  ("prefetched"): the unit whose forward ended just before. Each unit's gradients are copied into one flat padded reduce-scatter input in ``reduce_dtype``
   (default: the gradients' dtype, ``param_dtype`` when given), freed before the next unit's is allocated.
   ``reshard_after_forward=False`` (ZeRO-2) keeps every unit unsharded from forward to the end of backward:
   no gather in backward, nothing prefetched. One rank alone (world_size 1) gathers and reduce-scatters nothing.
