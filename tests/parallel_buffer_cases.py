@@ -18,7 +18,15 @@ from parallel_agreement_cases import case, case_id
 LAYOUTS = [DDP(2), ZeRO(1, 4), FSDP(2), FSDP(4), FSDP(2, reshard_after_forward=False),
            FSDP(4, param_dtype=torch.bfloat16), FSDP(2, reshard_after_forward=False, param_dtype=torch.bfloat16),
            ZeRO(2, 2), ZeRO(2, 4)]
-CASES = [(name, layout) for name in ("mlp", "transformer") for layout in LAYOUTS]
+
+
+def nested_units(model):
+    """Each transformer block and, inside it, its MLP: nested FSDP units."""
+    return [*model.blocks, *(block.mlp for block in model.blocks)]
+
+
+CASES = [(name, layout) for name in ("mlp", "transformer") for layout in LAYOUTS] + [
+    ("transformer", FSDP(2, wrap=nested_units)), ("transformer", FSDP(4, wrap=nested_units, param_dtype=torch.bfloat16))]
 
 
 def main() -> None:
