@@ -7,9 +7,9 @@ Each communication buffer (``comm_buffers.py``) by the most bytes it held at any
 (``PhaseStats.part_peaks``): what FSDP2 and DDP allocate, and when they free it, follows from the units and
 dtypes alone, whereas its share of a phase's peak depends on what else is alive then. Exact, except the
 gathered buffers on gloo ranks: gloo's worker thread can let go of an all-gather output after FSDP2 has
-dropped it, so the next unit's buffer is allocated first: one unit's buffer more (torch 2.14, forward: 3 of 20
-sharded runs of tests/parallel_agreement_cases.py, one rank each; torch 2.11: none). The prefetched buffer
-is freed the same way (never seen late), so it gets the same allowance.
+dropped it, so the next unit's buffer is allocated first: one unit's buffer more, on one rank now and then
+(torch 2.14: the all-gather buffer in 3 of 20 sharded runs of the agreement cases; the prefetched buffer on
+1 of 174 rank reports of tests/parallel_buffer_cases.py run three times; torch 2.11: none in 20 runs).
 """
 from __future__ import annotations
 
