@@ -159,6 +159,7 @@ def test_a_wrong_unit_wrapping_is_caught_and_the_unsharded_part_named(monkeypatc
     # nothing to prefetch. The model states themselves still agree (same shards).
     assert wrong == {UNSHARDED: (1_050_624, 1_597_480), ALL_GATHER: (1_576_960, 1_597_480),
                      PREFETCHED: (1_050_624, 0), REDUCE_SCATTER: (1_050_624, 1_597_480)}
+    assert "rank 0 of FSDP(world_size=2, reshard_after_forward=True, param_dtype=None" in comparison.message
     assert "params: unsharded" in comparison.message and "<-- differs" in comparison.message
     assert "params: unsharded: more (or fewer) parameters gathered at once than the units allow" in comparison.message
     assert "reshard_after_forward" in comparison.message and "wrap=" in comparison.message

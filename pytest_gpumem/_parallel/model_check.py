@@ -78,7 +78,7 @@ class ModelStateEstimate:
     device: str
     #: per rank: communication part -> the most bytes it reaches in a step (``comm_buffers``)
     buffers: tuple[dict[str, int], ...] = ()
-    #: part -> bytes a measurement may exceed its closed form by (gloo's late free of an all-gather output)
+    #: part -> bytes a measurement may exceed its closed form by (gloo's late free of a gathered buffer)
     slack: dict[str, int] = field(default_factory=dict)
 
     def compare(self, report: StepReport, rtol: float = 0.0, atol: int = 0) -> Comparison:
@@ -92,7 +92,8 @@ class ModelStateEstimate:
         table = render_table(["", "closed form", "measured", ""], [
             [r.name, format_bytes(r.estimated), format_bytes(r.measured), r.note if r.ok else "<-- differs"]
             for r in rows], left=(3,))
-        message = (f"rank {got.rank} of {self.strategy.get('strategy')} x{len(self.ranks)}: model states and "
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.strategy.items() if k != "strategy")
+        message = (f"rank {got.rank} of {self.strategy.get('strategy')}({settings}): model states and "
                    f"communication buffers against the closed form ({self.device}; params after zero_grad, grads "
                    f"after backward, optimizer after the first step, each buffer at its most in the last step):"
                    f"\n{table}")
