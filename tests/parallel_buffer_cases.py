@@ -26,7 +26,8 @@ def nested_units(model):
 
 
 CASES = [(name, layout) for name in ("mlp", "transformer") for layout in LAYOUTS] + [
-    ("transformer", FSDP(2, wrap=nested_units)), ("transformer", FSDP(4, wrap=nested_units, param_dtype=torch.bfloat16))]
+    ("transformer", FSDP(2, wrap=nested_units)),
+    ("transformer", FSDP(4, wrap=nested_units, param_dtype=torch.bfloat16))]
 
 
 def main() -> None:

@@ -7,13 +7,14 @@ and emulated ranks, tests/test_parallel_comm_buffers.py):
 
 - FSDP2, per unit (the root's own parameters, then each unit in module order, an inner unit's hooks running
   within its outer unit's: module order is taken for forward order, the one assumption about the model's code):
-  one flat all-gather output of world_size x the unit's padded shards (each parameter's
-  dim 0 padded up to a multiple of world_size), in ``param_dtype`` when given; the unsharded parameters are
-  views of per-parameter outputs of the same padded sizes, so a unit's unsharded bytes equal its buffer.
-  Forward keeps a unit's all-gather output until the next unit's copy-out (overlap), so two consecutive
-  units' buffers are alive together. Backward replays the hooks in reverse and gathers one unit ahead
-  ("prefetched"): the unit whose forward ended just before. Each unit's gradients are copied into one flat padded reduce-scatter input in ``reduce_dtype``
-  (default: the gradients' dtype, ``param_dtype`` when given), freed before the next unit's is allocated.
+  one flat all-gather output of world_size x the unit's padded shards (each parameter's dim 0 padded up to a
+  multiple of world_size), in ``param_dtype`` when given; the unsharded parameters are views of per-parameter
+  outputs of the same padded sizes, so a unit's unsharded bytes equal its buffer. Forward keeps a unit's
+  all-gather output until the next unit's copy-out (overlap), so two consecutive units' buffers are alive
+  together. Backward replays the hooks in reverse and gathers one unit ahead ("prefetched"): the unit whose
+  forward ended just before. Each unit's gradients are copied into one flat padded reduce-scatter input in
+  ``reduce_dtype`` (default: the gradients' dtype, ``param_dtype`` when given), freed before the next unit's
+  is allocated.
   ``reshard_after_forward=False`` (ZeRO-2) keeps every unit unsharded from forward to the end of backward:
   no gather in backward, nothing prefetched. One rank alone (world_size 1) gathers and reduce-scatters nothing.
 - DDP and ZeRO-1: the gradient buckets (``ModelStates.buckets``), every phase. ZeroRedundancyOptimizer

@@ -34,8 +34,8 @@ LIKELY_CAUSES: dict[str, str] = {
                 "(the closed form takes module order; forward keeps the previous unit's buffer while the next "
                 "one gathers)",
     PREFETCHED: "backward prefetching (FSDP2 gathers the unit that ran before in forward; explicit "
-                "set_modules_to_backward_prefetch changes it; the closed form takes module order), reshard_after_forward, "
-                "or unit sizes (wrap=)",
+                "set_modules_to_backward_prefetch changes it; the closed form takes module order), "
+                "reshard_after_forward, or unit sizes (wrap=)",
     REDUCE_SCATTER: "reduce_dtype/param_dtype, unit sizes (wrap=), or frozen parameters (requires_grad=False "
                     "parameters send no gradient)",
     BUCKETS: "DDP's buckets hold every trainable parameter's gradient once: parameters without gradients, "
@@ -99,7 +99,8 @@ class ModelStateEstimate:
                    f"\n{table}")
         causes = tuple(f"{r.name}: {LIKELY_CAUSES[r.name]}" for r in rows if not r.ok and r.name in LIKELY_CAUSES)
         if causes:
-            message += "\nlikely cause" + ("s" if len(causes) > 1 else "") + ":\n" + "\n".join(f"  - {c}" for c in causes)
+            plural = "s" if len(causes) > 1 else ""
+            message += f"\nlikely cause{plural}:\n" + "\n".join(f"  - {c}" for c in causes)
         return Comparison(all(r.ok for r in rows), tuple(rows), message, causes)
 
     def _buffer_rows(self, rank: int, measured: dict[str, int]) -> list[Row]:
