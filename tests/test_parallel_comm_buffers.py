@@ -275,3 +275,24 @@ def test_nested_units_are_sharded_inner_first_and_gathered_inside_their_outer_un
     estimate = model_state_estimate(model, optimizer, layout, device="cuda")
     result = _emulated(model, optimizer, batch, target, loss, layout)  # fully_shard on an outer unit first fails
     assert [measured_buffer_peaks(r) for r in result.ranks] == list(estimate.buffers)
+
+
+def test_baseline_entries_save_each_ranks_buffers_at_their_most():
+    from pytest_gpumem._reporting.baseline import BaselineEntry
+
+    model, optimizer, batch, target, loss = cases.case("mlp")
+    report = _emulated(model, optimizer, batch, target, loss, FSDP(2)).ranks[1]
+    entry = BaselineEntry.from_report(report)
+    # the same figures as the closed form (test_mlp_fsdp_units_gather_in_pairs_in_forward_and_one_ahead_in_backward)
+    assert entry.part_peaks == {ALL_GATHER: 1_576_960, UNSHARDED: 1_050_624, PREFETCHED: 1_050_624,
+                                REDUCE_SCATTER: 1_050_624}
+    assert BaselineEntry.from_dict(json.loads(json.dumps(entry.to_dict()))) == entry
+    # one device: nothing named, the entry's JSON as before
+    assert "part_peaks" not in BaselineEntry.from_report(measure_step_cpu()).to_dict()
+
+
+def measure_step_cpu():
+    from pytest_gpumem import measure_step
+
+    model = nn.Linear(4, 2)
+    return measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(2, 4), backend="cpu")

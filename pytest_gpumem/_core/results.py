@@ -217,6 +217,17 @@ class StepReport:
         """The most bytes ``category`` held at any phase peak of any step (for per-category budgets)."""
         return max((stats.peak_split.get(category, 0) for _, stats in self.step_phases()), default=0)
 
+    def part_peaks(self) -> dict[str, int]:
+        """The most bytes each named part held at any instant of any step, library workspaces ('other: ...')
+        left out: the communication buffers and FSDP2's unsharded parameters."""
+        peaks: dict[str, int] = {}
+        for step in self.steps:
+            for stats in step.phases.values():
+                for name, size in stats.part_peaks.items():
+                    if not name.startswith(_OTHER_PREFIX):
+                        peaks[name] = max(peaks.get(name, 0), size)
+        return peaks
+
     def phase_peaks(self) -> dict[Phase, int]:
         """The peak of each phase over all steps, in phase order."""
         peaks: dict[Phase, int] = {}
