@@ -67,6 +67,9 @@ class PhaseStats:
     #: (peak, tracked bytes at it) had the libraries allocated nothing; None without library allocations.
     #: In-process only (not in JSON): the estimate check compares the step's own bytes with it
     without_libraries: tuple[int, int] | None = field(default=None, compare=False)
+    #: the most raw bytes each named part held at any instant of the phase, whether or not at its peak
+    #: (what the closed forms of communication buffers predict)
+    part_peaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def other_parts(self) -> dict[str, int]:
@@ -84,6 +87,8 @@ class PhaseStats:
         }
         if self.peak_parts:
             data["peak_parts"] = dict(self.peak_parts)
+        if self.part_peaks:
+            data["part_peaks"] = dict(self.part_peaks)
         return data
 
     @classmethod
@@ -96,6 +101,7 @@ class PhaseStats:
             retained_split=split_from_dict(data["retained_split"]),
             reserved_peak=data.get("reserved_peak_bytes"),
             peak_parts=_parts_from_dict(data),
+            part_peaks={str(k): int(v) for k, v in (data.get("part_peaks") or {}).items()},
         )
 
 
@@ -210,6 +216,17 @@ class StepReport:
     def category_peak(self, category: Category) -> int:
         """The most bytes ``category`` held at any phase peak of any step (for per-category budgets)."""
         return max((stats.peak_split.get(category, 0) for _, stats in self.step_phases()), default=0)
+
+    def part_peaks(self) -> dict[str, int]:
+        """The most bytes each named part held at any instant of any step, library workspaces ('other: ...')
+        left out: the communication buffers and FSDP2's unsharded parameters."""
+        peaks: dict[str, int] = {}
+        for step in self.steps:
+            for stats in step.phases.values():
+                for name, size in stats.part_peaks.items():
+                    if not name.startswith(_OTHER_PREFIX):
+                        peaks[name] = max(peaks.get(name, 0), size)
+        return peaks
 
     def phase_peaks(self) -> dict[Phase, int]:
         """The peak of each phase over all steps, in phase order."""

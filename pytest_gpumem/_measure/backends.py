@@ -122,7 +122,8 @@ class Backend:
     def phase_stats(self, tracker: StorageTracker, replays: list[PhaseReplay]) -> list[PhaseStats]:
         """Turn replayed phases into the reported per-phase figures."""
         return [
-            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None, r.peak_parts) for r in replays
+            PhaseStats(r.phase, r.peak, r.retained, r.peak_split, r.retained_split, None, r.peak_parts,
+                       part_peaks=r.part_peaks) for r in replays
         ]
 
 
@@ -348,7 +349,7 @@ def _with_allocator_figures(r: PhaseReplay, peak: int, retained: int, reserved: 
     retained_split = dict(r.retained_split)
     retained_split[Category.OTHER] += retained - r.retained
     return PhaseStats(r.phase, peak, retained, peak_split, retained_split, reserved, dict(r.peak_parts),
-                      r.without_libraries)
+                      r.without_libraries, dict(r.part_peaks))
 
 
 def warm_up_cuda(device: torch.device) -> None:

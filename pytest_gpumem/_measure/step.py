@@ -221,7 +221,9 @@ def _merge(earlier: PhaseStats | None, later: PhaseStats) -> PhaseStats:
     reserved = [r for r in (earlier.reserved_peak, later.reserved_peak) if r is not None]
     bare = [b for b in (earlier.without_libraries, later.without_libraries) if b is not None]
     return PhaseStats(later.phase, top.peak, later.retained, top.peak_split, later.retained_split,
-                      max(reserved) if reserved else None, top.peak_parts, max(bare) if bare else None)
+                      max(reserved) if reserved else None, top.peak_parts, max(bare) if bare else None,
+                      {k: max(earlier.part_peaks.get(k, 0), later.part_peaks.get(k, 0))
+                       for k in {**earlier.part_peaks, **later.part_peaks}})
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

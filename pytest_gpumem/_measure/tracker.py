@@ -76,6 +76,9 @@ class PhaseReplay:
     #: named parts at the peak, raw bytes, as "category: part" ("other: cuBLAS workspace (main thread)",
     #: "grads: gradient buckets"); library workspaces (``library_allocation``) and ``mark_part`` names alike
     peak_parts: dict[str, int] = field(default_factory=dict)
+    #: the most raw bytes each named part held at any instant of the phase (communication buffers have a
+    #: closed form for this, not for their share of the phase's peak)
+    part_peaks: dict[str, int] = field(default_factory=dict)
     #: with library allocations: (peak, tracked bytes at it) of the same log without them, else None
     without_libraries: tuple[int, int] | None = None
 
@@ -294,6 +297,7 @@ class StorageTracker(TorchDispatchMode):
         alloc_index = 0
         parts: dict[str, int] = {}
         peak_parts: dict[str, int] = {}
+        part_peaks: dict[str, int] = {}
         library = 0              # rounded bytes of library allocations so far (never freed)
         bare = (-1, 0)           # (peak, tracked bytes) without them, this phase
         other = cat_index[Category.OTHER]
@@ -315,6 +319,7 @@ class StorageTracker(TorchDispatchMode):
                         retained_split=split(totals, allocated),
                         events=(first, alloc_index),
                         peak_parts={k: v for k, v in peak_parts.items() if v},
+                        part_peaks={k: v for k, v in part_peaks.items() if v},
                         without_libraries=bare if self._library else None,
                     )
                 )
@@ -324,6 +329,7 @@ class StorageTracker(TorchDispatchMode):
                 close_phase()
                 current = (ev.step, ev.phase)
                 peak, peak_mix, first, peak_parts = allocated, list(totals), alloc_index, dict(parts)
+                part_peaks = dict(parts)
                 bare = (allocated - library, sum(totals) - totals[other])
                 continue
             alloc_index += 1
@@ -334,6 +340,7 @@ class StorageTracker(TorchDispatchMode):
             if part is not None:
                 name = f"{category.value}: {part}"
                 parts[name] = parts.get(name, 0) + ev.raw
+                part_peaks[name] = max(part_peaks.get(name, 0), parts[name])
                 if ev.key in self._library:
                     library += ev.delta
             if allocated > peak:

@@ -3,7 +3,8 @@
 The step runs as ``measure_step`` runs it (setup, batch, forward, backward, optimizer, zero_grad), with
 the strategy's layout applied during setup so DDP's gradient buckets and FSDP's shards are measured.
 ``RankSession`` classifies DTensor shards by their local tensors, marks FSDP2's unsharded parameters,
-and watches the collectives to name the communication buffers (``PhaseStats.peak_parts``):
+and watches the collectives to name the communication buffers (``PhaseStats.peak_parts`` at each phase's
+peak, ``PhaseStats.part_peaks`` at their own most; closed forms in ``comm_buffers.py``):
 
 - ``params: unsharded``       FSDP2's all-gathered parameters of the units that are gathered now
 - ``params: all-gather buffer`` the flat buffer the all-gather writes into (freed after the copy-out)

@@ -78,7 +78,9 @@ def _fully_shard(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: F
 
     names = {id(p): name for name, p in model.named_parameters()}
     policy = MixedPrecisionPolicy(param_dtype=strategy.param_dtype, reduce_dtype=strategy.reduce_dtype)
-    for unit in fsdp_units(model, strategy.wrap):
+    depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
+    # inner units first: fully_shard on an outer unit turns the inner unit's parameters into DTensors already
+    for unit in sorted(fsdp_units(model, strategy.wrap), key=lambda m: -depth.get(id(m), 0)):
         fully_shard(unit, reshard_after_forward=strategy.reshard_after_forward, mp_policy=policy)
     fully_shard(model, reshard_after_forward=strategy.reshard_after_forward, mp_policy=policy)
     sharded = dict(model.named_parameters())

@@ -132,6 +132,8 @@ class BaselineEntry:
     reserved_peak: int | None = None
     #: a distributed step's layout and the rank the figures are of ({"strategy", "world_size", "rank"})
     parallel: dict[str, Any] | None = None
+    #: a distributed step's named parts at their most ("params: all-gather buffer": bytes); saved, not gated
+    part_peaks: dict[str, int] = field(default_factory=dict)
 
     def value(self, scope: str) -> int | None:
         """The saved figure for a scope ('peak', 'reserved' or a category); None if not saved."""
@@ -151,6 +153,7 @@ class BaselineEntry:
             reserved_peak=report.reserved_peak,
             parallel=({"strategy": report.parallel.strategy, "world_size": report.parallel.world_size,
                        "rank": report.parallel.rank} if report.parallel is not None else None),
+            part_peaks=report.part_peaks(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +165,8 @@ class BaselineEntry:
         }
         if self.parallel is not None:
             data["parallel"] = dict(self.parallel)
+        if self.part_peaks:
+            data["part_peaks"] = dict(self.part_peaks)
         return data
 
     @classmethod
@@ -176,6 +181,7 @@ class BaselineEntry:
             phase_peaks=_byte_map(data.get("phase_peaks", {}), "phase_peaks"),
             reserved_peak=_int(reserved, "reserved_peak_bytes") if reserved is not None else None,
             parallel=dict(data["parallel"]) if isinstance(data.get("parallel"), dict) else None,
+            part_peaks=_byte_map(data.get("part_peaks", {}), "part_peaks"),
         )
 
 
