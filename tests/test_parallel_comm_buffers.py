@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -29,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import parallel_agreement_cases as cases  # noqa: E402
 import parallel_buffer_cases as gloo_cases  # noqa: E402
+from fresh_interpreter import run_script_once  # noqa: E402
 
 MLP_FP32 = (526_336, 1_050_624)  # 131,584 x 4 B, 262,656 x 4 B: the first two units
 BLOCK = 49_984 * 4               # 199,936 B
@@ -111,13 +111,10 @@ def test_emulated_ranks_reach_each_closed_form_to_the_byte(name, layout):
 
 
 @pytest.fixture(scope="module")
-def gloo_runs():
-    """Every case of parallel_buffer_cases.py on gloo ranks, in a fresh interpreter (see its docstring)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, os.path.join(HERE, "parallel_buffer_cases.py")], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {k: ParallelReport.from_dict(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+def gloo_runs(tmp_path_factory):
+    """Every case of parallel_buffer_cases.py on gloo ranks, in a fresh interpreter (see its docstring), once a run."""
+    data = run_script_once(tmp_path_factory, "parallel_buffer_cases.py", timeout_s=600)
+    return {k: ParallelReport.from_dict(v) for k, v in data.items()}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo ranks are forked processes")
