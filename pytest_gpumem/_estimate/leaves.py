@@ -289,33 +289,83 @@ def _has_ancestor(calls: list[_Call], index: int, ancestor: int) -> bool:
 
 def _param_grads_by_call(trace: _Trace, covered: list[bool],
                          model: nn.Module) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Bytes of each trainable parameter's grad, attached to the last accounted call that used its module
-    (backward reaches the last use first, and the grad appears there); and the grads accumulated into.
+    """Bytes of each trainable parameter's grad, attached to the call backward reaches first among those using it
+    (the one that used it last in forward: the grad appears there); and the grads accumulated into.
 
-    A parameter the loss uses directly gets its grad at the loss (the first call backward reaches); its
-    module's call then adds to it: that call's entry in the second dict."""
-    owner: dict[int, int] = {}
-    # Shallow calls first, deeper ones override (a parameter belongs to the innermost call holding it);
-    # among equally deep calls the later one wins (backward meets the last use first).
-    for c in sorted(trace.calls, key=lambda c: (c.depth, c.index)):
-        if c.module is None:
-            continue
-        target = c.index
-        while covered[target]:
-            target = trace.calls[target].parent  # type: ignore[assignment]
-        for p in c.module.parameters():
-            if p.requires_grad:
-                owner[id(p)] = target
+    A parameter used by several calls (a weight tied between the embedding and the LM head; the loss using it
+    directly, an L1 penalty) gets its grad at the last user in forward; each earlier user's backward then adds
+    its contribution to it out of place: those calls' entries in the second dict."""
+    users = {**_innermost_users(trace, covered), **_users_by_ops(trace, covered)}
     loss_call = next((c.index for c in reversed(trace.calls) if c.module is None and c.parent is None), None)
     out: dict[int, list[int]] = {}
     accum: dict[int, list[int]] = {}
     for p in trace.twin.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in trace.loss_params and loss_call is not None:
-            out.setdefault(loss_call, []).append(trace.grad_nbytes(p))
-            if id(p) in owner:
-                accum.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
-        elif id(p) in owner:
-            out.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
+        targets = users.get(id(p), [])
+        if id(p) in trace.loss_params and loss_call is not None and loss_call not in targets:
+            targets = targets + [loss_call]
+        if not targets:
+            continue
+        out.setdefault(targets[-1], []).append(trace.grad_nbytes(p))
+        for t in targets[:-1]:
+            accum.setdefault(t, []).append(trace.grad_nbytes(p))
     return out, accum
+
+
+def _users_by_ops(trace: _Trace, covered: list[bool]) -> dict[int, list[int]]:
+    """Per trainable parameter (by id), the accounted calls whose ops read it differentiably, in forward order
+    (by the trace's op record: a parent's own code multiplying by a tied embedding's weight is a user too)."""
+    owner = [-1] * (max((c.op_end for c in trace.calls), default=0) + 1)
+    for c in sorted(trace.calls, key=lambda c: c.depth):  # deeper calls overwrite: an op is its innermost call's
+        if not covered[c.index]:
+            owner[c.op_start:c.op_end] = [c.index] * (c.op_end - c.op_start)
+    params = {_storage_key(p): id(p) for p in trace.twin.parameters() if p.requires_grad}
+    out: dict[int, list[int]] = {}
+    for op, t, kind in trace.uses:
+        if kind != GRAD_IN:
+            continue
+        pid = params.get(_storage_key(t))
+        if pid is not None and 0 <= op < len(owner) and owner[op] >= 0:
+            users = out.setdefault(pid, [])
+            if not users or users[-1] != owner[op]:
+                if owner[op] in users:
+                    users.remove(owner[op])
+                users.append(owner[op])
+    return out
+
+
+def _innermost_users(trace: _Trace, covered: list[bool]) -> dict[int, list[int]]:
+    """Per trainable parameter (by id), the accounted calls that use it, in forward order, by the modules that
+    hold it (for parameters the op record does not show used).
+
+    A call uses a parameter when its module holds it and no call inside it holds it too (a block holds its
+    layers' weights, but the layer's call is the user); a call answered by a formula stands for the calls
+    inside it. Calls of different modules holding one tensor (tied weights) are all users."""
+    calls = trace.calls
+    holders: dict[int, list[int]] = {}
+    for c in calls:
+        if c.module is not None:
+            for p in c.module.parameters():
+                if p.requires_grad:
+                    holders.setdefault(id(p), []).append(c.index)
+    out: dict[int, list[int]] = {}
+    for pid, hs in holders.items():
+        held, outer = set(hs), set()
+        for h in hs:
+            a = calls[h].parent
+            while a is not None:
+                if a in held:
+                    outer.add(a)
+                a = calls[a].parent
+        targets: list[int] = []
+        for h in hs:  # calls are numbered in forward order; innermost holders do not nest
+            if h in outer:
+                continue
+            while covered[h]:
+                h = calls[h].parent  # type: ignore[assignment]
+            if h in targets:
+                targets.remove(h)
+            targets.append(h)
+        out[pid] = targets
+    return out

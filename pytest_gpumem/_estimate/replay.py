@@ -240,10 +240,12 @@ class StepReplay:
             live.observe(extra + scratch)
             for g in new_grads:
                 live.add(Category.GRADS, g, rnd(g))
-        # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution
-        # and the out-of-place sum are alive beside the old grad (measured: 2 x the parameter's bytes)
+        # a grad a later call already made (L1 penalty in the loss, a head tied to this embedding): once the
+        # call's backward is done, its contribution and the out-of-place sum are alive beside the old grad
+        # (measured: 2 x the parameter's bytes), the input's grad and the grads held across the call (a
+        # cross-attention's grad into the encoder output, Whisper: 0.1 MiB of its peak)
         for g in leaf.accum_raw:
-            live.observe([(T, 2 * g, 2 * rnd(g))])
+            live.observe(held + [(T, 2 * g, 2 * rnd(g))])
         for s in self._free_after(threshold):
             self._free(s)
 
