@@ -214,8 +214,10 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
 def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:
     """Per op of call ``c``, bytes of its differentiable outputs' grads and of the input grads its backward makes
     (parameters, whose grads are counted as grads, and the batch left out): those of the op holding the most.
-    Only for calls without a module (the loss, a parent's own ops): a module's call is modelled per op apart."""
-    if c.module is not None:
+    For calls without a module (the loss, a parent's own ops) and modules without trainable parameters (CLIP's
+    QuickGELU, x * sigmoid(1.702 x): the mul's backward makes both inputs' grads beside its output's); a module
+    with parameters is modelled per op apart (``_traced_call_grads``)."""
+    if c.module is not None and any(p.requires_grad for p in c.module.parameters()):
         return ()
     best: tuple[int, ...] = ()
     for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
