@@ -19,6 +19,7 @@ from .._cuda_facts import attention as attention_facts
 from .._cuda_facts import dropout as dropout_facts
 from .autocast_casts import AutocastCasts
 from .cpu_attention import cpu_attention
+from .cpu_losses import CPU_UNREDUCED_LOSSES, keep_unreduced_buffer
 from .cpu_rnn import cpu_lstm
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -55,7 +56,8 @@ class KernelMode(TorchFunctionMode):
         except TypeError:  # an unhashable callable
             return _PLAIN
         if kind is None:
-            if func in _DROPOUTS or func is F.scaled_dot_product_attention or func is torch.lstm:
+            if (func in _DROPOUTS or func is F.scaled_dot_product_attention or func is torch.lstm
+                    or func in CPU_UNREDUCED_LOSSES):
                 kind = _KERNEL
             elif AutocastCasts.policy(func) is not None:
                 kind = _CAST
@@ -95,6 +97,8 @@ class KernelMode(TorchFunctionMode):
             return self._dropout(func, args, kwargs) if self.device == "cuda" else None
         if func is torch.lstm:  # the CPU's oneDNN LSTM; CUDA's cuDNN RNN is the formulas' (_cuda_facts.rnn)
             return cpu_lstm(args, kwargs) if self.device == "cpu" else None
+        if func in CPU_UNREDUCED_LOSSES:
+            return keep_unreduced_buffer(func(*args, **kwargs), args) if self.device == "cpu" else None
         if len(args) > 6:
             return None
         bound = _bound(args, kwargs)

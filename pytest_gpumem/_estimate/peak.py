@@ -132,6 +132,7 @@ def _step_figures(model: nn.Module, optimizer: Any, batch: Any, target: Any, tra
         saves=saves, leaves=_leaves(trace, saves, covered, grads_of, accum_of),
         out_keep=_output_keep(trace, saved_keys),
         held_saves=frozenset(_storage_key(t) for t in held_by(trace.output, extra=trace.side_held)) & saved_keys,
-        loss=sum(_nbytes(t) for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
+        loss=sum(t.untyped_storage().nbytes() for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
+        loss_seed=sum(_nbytes(t) for t in _tensors(trace.loss)),
         optimizer_program=program,
     )
