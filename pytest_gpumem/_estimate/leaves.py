@@ -83,7 +83,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         out_key = _storage_key(out)
         in_key = _storage_key(x) if x is not None else None
         in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
-        if c.module is None and c.parent is not None and c.op_end > c.op_start and all(
+        if c.module is None and c.op_end > c.op_start and all(
                 op in trace.passthrough for op in range(c.op_start, c.op_end)):
             in_needs = False  # a segment of adds and views: its input grads are its output's grad, not new
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
@@ -107,7 +107,8 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
             traced = _traced_call_grads(c, grads, trace, life, skip, outs)
             grads = traced.pop("grads")
         op_peaks = traced.get("op_peaks", ())
-        leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
+        out_grad = _nbytes(out) if out.requires_grad and not _grad_is_a_view(out, trace, life) else 0
+        leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, out_grad,
                             out_new, in_live, grads, **traced, scratch=_scratch_elsewhere(c, trace, op_peaks),
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
@@ -140,9 +141,10 @@ def _traced_call_grads(c: _Call, grads: tuple[int, ...], trace: _Trace, life: _L
     # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
     # that grad is the call's input grad, which in_raw counts
     copies = _input_copies(c, trace, skip)
+    out_grad = 0 if _grad_is_a_view(out, trace, life) else _nbytes(out)
     grad_inner = tuple(tuple(life.grad[k] for k in inner
                              if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
-                       + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
+                       + ((out_grad,) if out.requires_grad and op >= out_op else residual)
                        for op in grad_ops)
     # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
     # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
@@ -205,10 +207,22 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
         outs = {_storage_key(t) for t, kind in used if kind == OUT and t.requires_grad} - skip
         out_grads = [life.grad[k] for k in outs if k in life.grad and k != out_key]
         held = [life.grad[k] for k in inner if k not in outs and life.first[k] < op < life.last_grad.get(k, -1)]
-        tail = (_nbytes(out),) if out.requires_grad and op >= out_op else residual
+        tail = (0 if _grad_is_a_view(out, trace, life) else _nbytes(out),) if out.requires_grad and op >= out_op \
+            else residual
         # a CUDA attention kernel's backward allocates its scratch beside the grads it makes
         peaks.append((op, tuple(out_grads + made + held) + tail + trace.scratch.get(op, ())))
     return tuple(peaks)
+
+
+def _grad_is_a_view(out: torch.Tensor, trace: _Trace, life: _Lifetimes) -> bool:
+    """Whether ``out``'s grad in backward is a view made by its only differentiable use: a sum over it (the default
+    loss without a target, ``output.sum()``) hands back its own grad expanded, allocating nothing."""
+    k = _storage_key(out)
+    op = life.last_grad.get(k)
+    if op is None or life.grad_ops.get(k) != 1 or op not in trace.passthrough:
+        return False
+    made = [t for _, t, kind in trace.uses_between(op, op + 1) if kind == OUT]
+    return bool(made) and all(t.numel() < out.numel() for t in made)
 
 
 def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:

@@ -158,13 +158,15 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     return frozenset(found)
 
 
-#: ops whose backward passes the output's gradient to every input as it is, allocating none (an add of two
-#: branches, a residual add, views): a call made only of them makes no input gradient in backward
+#: ops whose backward passes the output's gradient to every input as it is or as a view of it, allocating none
+#: (an add of two branches, a residual add, views, sums): a call made only of them makes no input gradient
 _aten = torch.ops.aten
 PASSTHROUGH_OPS = frozenset({
     _aten.add.Tensor, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
     _aten.transpose.int, _aten.permute.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.alias.default,
     _aten.detach.default,
+    # a sum's backward expands its output's grad to the input's shape: a view, nothing allocated
+    _aten.sum.default, _aten.sum.dim_IntList,
 })
 
 
