@@ -5,8 +5,10 @@ and measured on real CPU tensors, and the worst relative difference. Hugging Fac
 configs with random init (nothing downloaded), ``attn_implementation="eager"`` and no padding, so no
 data-dependent mask is built.
 
-    python benchmarks/estimate_zoo.py              # every case
+    python benchmarks/estimate_zoo.py              # every case the issue names
     python benchmarks/estimate_zoo.py --only gpt2  # cases whose name contains 'gpt2'
+    python benchmarks/estimate_zoo.py --set more   # real models the issue does not name (estimate_zoo_more.py)
+    python benchmarks/estimate_zoo.py --set all    # both
 """
 from __future__ import annotations
 
@@ -244,11 +246,17 @@ def rel(e: int, m: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="")
+    ap.add_argument("--set", choices=("named", "more", "all"), default="named")
     args = ap.parse_args(argv)
+    cases = list(CASES) if args.set in ("named", "all") else []
+    if args.set in ("more", "all"):
+        from estimate_zoo_more import MORE
+
+        cases += [Case(name, build) for name, build in MORE]
     print(f"torch {torch.__version__}")
     print(f"{'case':34}{'peak est/meas':>24}{'peak %':>8}  worst category")
     worst_all = 0.0
-    for case in CASES:
+    for case in cases:
         if args.only not in case.name:
             continue
         try:

@@ -45,7 +45,9 @@ __all__ = [
     "grad_scaler_step_patch_target",
     "is_checkpoint_pack_hook",
     "is_view",
+    "mkldnn_bf16_supported",
     "module_registries",
+    "onednn_lstm_layer",
     "op_returns_nothing",
     "python_op_namespaces",
     "record_allocator_trace",
@@ -149,6 +151,21 @@ def cpu_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is
     """The output of ``aten._scaled_dot_product_flash_attention_for_cpu`` (dropout 0; torch >= 2.3)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def onednn_lstm_layer(x: torch.Tensor, weights: tuple[torch.Tensor, ...], hx: torch.Tensor, cx: torch.Tensor, *,
+                      reverse: bool, num_layers: int, has_biases: bool, bidirectional: bool, batch_first: bool,
+                      train: bool) -> tuple[torch.Tensor, ...]:
+    """(output, hy, cy, workspace) of ``aten::mkldnn_rnn_layer``: one direction of one LSTM layer as the CPU runs it
+    (oneDNN; torch >= 2.1). ``weights`` are (w_ih, w_hh, b_ih, b_hh); on meta the workspace comes back empty."""
+    return torch.ops.aten.mkldnn_rnn_layer(x, *weights, hx, cx, reverse, [], 2, hx.size(-1), num_layers,
+                                           has_biases, bidirectional, batch_first, train)
+
+
+def mkldnn_bf16_supported() -> bool:
+    """Whether this CPU runs oneDNN in bfloat16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported``): aten's LSTM takes
+    the oneDNN path for bf16 input only then."""
+    return bool(_require(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", "torch.ops.mkldnn")())
 
 
 def cuda_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float, is_causal: bool,

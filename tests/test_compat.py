@@ -106,6 +106,22 @@ def test_cudnn_attention_on_meta_accepts_grouped_query_shapes():
     assert out.shape == (2, 4, 5, 8), _moved("aten._scaled_dot_product_cudnn_attention")
 
 
+def test_onednn_lstm_layer_on_meta_returns_output_states_and_a_workspace():
+    # T=5, B=2, I=3, H=4: output (T, B, H), hy and cy (B, H), then the uint8 workspace (empty on meta)
+    x = torch.empty(5, 2, 3, device="meta")
+    w = (torch.empty(16, 3, device="meta"), torch.empty(16, 4, device="meta"), torch.empty(16, device="meta"),
+         torch.empty(16, device="meta"))
+    h = torch.empty(2, 4, device="meta")
+    out, hy, cy, ws = _compat.onednn_lstm_layer(x, w, h, h, reverse=False, num_layers=1, has_biases=True,
+                                                bidirectional=False, batch_first=False, train=True)
+    assert (out.shape, hy.shape, cy.shape, ws.dtype) == ((5, 2, 4), (2, 4), (2, 4), torch.uint8), \
+        _moved("aten.mkldnn_rnn_layer")
+
+
+def test_mkldnn_bf16_support_is_a_bool():
+    assert isinstance(_compat.mkldnn_bf16_supported(), bool), _moved("torch.ops.mkldnn._is_mkldnn_bf16_supported")
+
+
 def test_sdp_backend_switches_follow_sdpa_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

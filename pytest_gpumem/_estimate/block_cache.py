@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 from .._core.tensors import tensors_in as _tensors_in
+from .storages import held_by
 from .._compat import (MODULE_CHILDREN_DICT, MODULE_TENSOR_DICTS, TorchDispatchMode, forward_hook_counts, storage_key,
                        tree_flatten, tree_map, tree_unflatten)
 
@@ -39,6 +40,8 @@ class BlockTracer(Protocol):
     passthrough: set[int]                 #: ops whose backward hands the grad on unchanged
     scratch: dict[int, tuple[int, ...]]   #: op -> bytes its backward allocates and frees (attention scratch)
     paused: bool                          #: set while a replay makes its own tensors
+    #: id(object) -> (the object, tensors a replayed block left in it): a KV cache the block updated
+    side_held: dict[int, tuple[Any, list[torch.Tensor]]]
 
     def new_call(self, **fields: Any) -> Any: ...
 
@@ -181,6 +184,8 @@ class Template:
     scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)  #: op (from first_op) -> backward scratch
     uses: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  #: the tracer's op uses inside
     save_ops: list[int] = field(default_factory=list)  #: per entry of ``order``: the op that saved it
+    #: (argument leaf index, tensor): storages the block made and left in an object it was passed (a KV cache)
+    side: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class _Outputs(torch.autograd.Function):
@@ -321,6 +326,9 @@ class BlockCache:
             describe(x)
         for _, x, _ in t.uses:
             describe(x)
+        t.side = _left_in_arguments(leaves, created)
+        for _, x in t.side:
+            describe(x)
         return t
 
     def _replay(self, t: Template, module: nn.Module, leaves: list[Any]) -> Any:
@@ -349,6 +357,8 @@ class BlockCache:
         tr.ops += t.n_ops
         block.saved.extend(make(x) for x in t.saved)
         block.children = t.children
+        for i, x in t.side:  # what the block would have left in the object (a cache update) is kept by it
+            tr.side_held.setdefault(id(leaves[i]), (leaves[i], []))[1].append(make(x))
         return output
 
     def _replay_calls(self, t: Template, module: nn.Module, block: Any, make: Callable[[Any], Any],
@@ -378,6 +388,17 @@ class BlockCache:
                 op_end=c.op_end + shift_op,
                 region=regions.setdefault(c.region, tr.new_region()) if c.region is not None else None,
             ))
+
+
+def _left_in_arguments(leaves: list[Any], created: set[int]) -> list[tuple[int, torch.Tensor]]:
+    """Tensors the block made that an object it was passed now keeps (a Hugging Face cache's ``update`` stores
+    each layer's keys and values in the cache): a replay does not run the block, so they are noted instead."""
+    out = []
+    for i, v in enumerate(leaves):
+        if isinstance(v, (torch.Tensor, nn.Module) + _PRIMITIVES):
+            continue
+        out.extend((i, x) for x in held_by(v) if _key(x) in created)
+    return out
 
 
 class _Rebuilt:

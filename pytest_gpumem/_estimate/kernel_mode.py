@@ -3,7 +3,7 @@
 Meta kernels are CPU-like: dropout keeps a float noise tensor, attention the L x L probabilities. For
 ``device="cuda"`` the trace runs what ``_cuda_facts`` says CUDA runs (the fused dropout with its bool mask, the
 attention kernel sm90 picks, autocast's casts) and records each attention backward's scratch; for
-``device="cpu"`` the CPU's flash attention. The estimate's own code, reading the table the emulated backend
+``device="cpu"`` the CPU's flash attention and oneDNN LSTM. The estimate's own code, reading the table the emulated backend
 reads too: it never runs the emulation, so a wrong fact shows as a disagreement with a GPU.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ from .._cuda_facts import attention as attention_facts
 from .._cuda_facts import dropout as dropout_facts
 from .autocast_casts import AutocastCasts
 from .cpu_attention import cpu_attention
+from .cpu_losses import CPU_UNREDUCED_LOSSES, keep_unreduced_buffer
+from .cpu_rnn import cpu_lstm
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 _DROPOUTS = frozenset({F.dropout, torch.dropout})
@@ -54,7 +56,8 @@ class KernelMode(TorchFunctionMode):
         except TypeError:  # an unhashable callable
             return _PLAIN
         if kind is None:
-            if func in _DROPOUTS or func is F.scaled_dot_product_attention:
+            if (func in _DROPOUTS or func is F.scaled_dot_product_attention or func is torch.lstm
+                    or func in CPU_UNREDUCED_LOSSES):
                 kind = _KERNEL
             elif AutocastCasts.policy(func) is not None:
                 kind = _CAST
@@ -92,6 +95,10 @@ class KernelMode(TorchFunctionMode):
         """The op as this device's kernel runs it, or None to call it as it is."""
         if func in _DROPOUTS:
             return self._dropout(func, args, kwargs) if self.device == "cuda" else None
+        if func is torch.lstm:  # the CPU's oneDNN LSTM; CUDA's cuDNN RNN is the formulas' (_cuda_facts.rnn)
+            return cpu_lstm(args, kwargs) if self.device == "cpu" else None
+        if func in CPU_UNREDUCED_LOSSES:
+            return keep_unreduced_buffer(func(*args, **kwargs), args) if self.device == "cpu" else None
         if len(args) > 6:
             return None
         bound = _bound(args, kwargs)

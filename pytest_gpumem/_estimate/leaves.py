@@ -83,7 +83,7 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
         out_key = _storage_key(out)
         in_key = _storage_key(x) if x is not None else None
         in_needs = x is not None and x.requires_grad and in_key not in trace.param_keys
-        if c.module is None and c.parent is not None and c.op_end > c.op_start and all(
+        if c.module is None and c.op_end > c.op_start and all(
                 op in trace.passthrough for op in range(c.op_start, c.op_end)):
             in_needs = False  # a segment of adds and views: its input grads are its output's grad, not new
         out_new = 0 if (out_key in saved_now or out_key == in_key) else _nbytes(out)
@@ -107,7 +107,8 @@ def _leaves(trace: _Trace, saves: list[_Save], covered: list[bool], grads_of: di
             traced = _traced_call_grads(c, grads, trace, life, skip, outs)
             grads = traced.pop("grads")
         op_peaks = traced.get("op_peaks", ())
-        leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, _nbytes(out) if out.requires_grad else 0,
+        out_grad = _nbytes(out) if out.requires_grad and not _grad_is_a_view(out, trace, life) else 0
+        leaves.append(_Leaf(c.end - 0.25, _nbytes(x) if in_needs else 0, out_grad,
                             out_new, in_live, grads, **traced, scratch=_scratch_elsewhere(c, trace, op_peaks),
                             accum_raw=tuple(accum_of.pop(c.index, ())), region=region[c.index], cross_raw=cross,
                             cast_raw=tuple(b for op, _, _, b in own_casts),
@@ -140,9 +141,10 @@ def _traced_call_grads(c: _Call, grads: tuple[int, ...], trace: _Trace, life: _L
     # a copy of the call's input (batch_first's transpose made contiguous) passes its grad on unchanged:
     # that grad is the call's input grad, which in_raw counts
     copies = _input_copies(c, trace, skip)
+    out_grad = 0 if _grad_is_a_view(out, trace, life) else _nbytes(out)
     grad_inner = tuple(tuple(life.grad[k] for k in inner
                              if k not in copies and life.first[k] <= op <= life.last_grad.get(k, -1))
-                       + ((_nbytes(out),) if out.requires_grad and op >= out_op else residual)
+                       + ((out_grad,) if out.requires_grad and op >= out_op else residual)
                        for op in grad_ops)
     # a storage read as n differentiable slices (attention's packed q, k, v = proj[0], proj[1], proj[2]):
     # each slice's backward makes a zero-filled full-size grad and they are summed, so the first two
@@ -205,17 +207,31 @@ def _op_peaks(c: _Call, trace: _Trace, life: "_Lifetimes", inner: list[int], gra
         outs = {_storage_key(t) for t, kind in used if kind == OUT and t.requires_grad} - skip
         out_grads = [life.grad[k] for k in outs if k in life.grad and k != out_key]
         held = [life.grad[k] for k in inner if k not in outs and life.first[k] < op < life.last_grad.get(k, -1)]
-        tail = (_nbytes(out),) if out.requires_grad and op >= out_op else residual
+        tail = (0 if _grad_is_a_view(out, trace, life) else _nbytes(out),) if out.requires_grad and op >= out_op \
+            else residual
         # a CUDA attention kernel's backward allocates its scratch beside the grads it makes
         peaks.append((op, tuple(out_grads + made + held) + tail + trace.scratch.get(op, ())))
     return tuple(peaks)
 
 
+def _grad_is_a_view(out: torch.Tensor, trace: _Trace, life: _Lifetimes) -> bool:
+    """Whether ``out``'s grad in backward is a view made by its only differentiable use: a sum over it (the default
+    loss without a target, ``output.sum()``) hands back its own grad expanded, allocating nothing."""
+    k = _storage_key(out)
+    op = life.last_grad.get(k)
+    if op is None or life.grad_ops.get(k) != 1 or op not in trace.passthrough:
+        return False
+    made = [t for _, t, kind in trace.uses_between(op, op + 1) if kind == OUT]
+    return bool(made) and all(t.numel() < out.numel() for t in made)
+
+
 def _chain_peak(c: _Call, trace: _Trace, skip: set[int]) -> tuple[int, ...]:
     """Per op of call ``c``, bytes of its differentiable outputs' grads and of the input grads its backward makes
     (parameters, whose grads are counted as grads, and the batch left out): those of the op holding the most.
-    Only for calls without a module (the loss, a parent's own ops): a module's call is modelled per op apart."""
-    if c.module is not None:
+    For calls without a module (the loss, a parent's own ops) and modules without trainable parameters (CLIP's
+    QuickGELU, x * sigmoid(1.702 x): the mul's backward makes both inputs' grads beside its output's); a module
+    with parameters is modelled per op apart (``_traced_call_grads``)."""
+    if c.module is not None and any(p.requires_grad for p in c.module.parameters()):
         return ()
     best: tuple[int, ...] = ()
     for op, group in itertools.groupby(trace.uses_between(c.op_start, c.op_end), key=lambda u: u[0]):
@@ -289,33 +305,83 @@ def _has_ancestor(calls: list[_Call], index: int, ancestor: int) -> bool:
 
 def _param_grads_by_call(trace: _Trace, covered: list[bool],
                          model: nn.Module) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Bytes of each trainable parameter's grad, attached to the last accounted call that used its module
-    (backward reaches the last use first, and the grad appears there); and the grads accumulated into.
+    """Bytes of each trainable parameter's grad, attached to the call backward reaches first among those using it
+    (the one that used it last in forward: the grad appears there); and the grads accumulated into.
 
-    A parameter the loss uses directly gets its grad at the loss (the first call backward reaches); its
-    module's call then adds to it: that call's entry in the second dict."""
-    owner: dict[int, int] = {}
-    # Shallow calls first, deeper ones override (a parameter belongs to the innermost call holding it);
-    # among equally deep calls the later one wins (backward meets the last use first).
-    for c in sorted(trace.calls, key=lambda c: (c.depth, c.index)):
-        if c.module is None:
-            continue
-        target = c.index
-        while covered[target]:
-            target = trace.calls[target].parent  # type: ignore[assignment]
-        for p in c.module.parameters():
-            if p.requires_grad:
-                owner[id(p)] = target
+    A parameter used by several calls (a weight tied between the embedding and the LM head; the loss using it
+    directly, an L1 penalty) gets its grad at the last user in forward; each earlier user's backward then adds
+    its contribution to it out of place: those calls' entries in the second dict."""
+    users = {**_innermost_users(trace, covered), **_users_by_ops(trace, covered)}
     loss_call = next((c.index for c in reversed(trace.calls) if c.module is None and c.parent is None), None)
     out: dict[int, list[int]] = {}
     accum: dict[int, list[int]] = {}
     for p in trace.twin.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in trace.loss_params and loss_call is not None:
-            out.setdefault(loss_call, []).append(trace.grad_nbytes(p))
-            if id(p) in owner:
-                accum.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
-        elif id(p) in owner:
-            out.setdefault(owner[id(p)], []).append(trace.grad_nbytes(p))
+        targets = users.get(id(p), [])
+        if id(p) in trace.loss_params and loss_call is not None and loss_call not in targets:
+            targets = targets + [loss_call]
+        if not targets:
+            continue
+        out.setdefault(targets[-1], []).append(trace.grad_nbytes(p))
+        for t in targets[:-1]:
+            accum.setdefault(t, []).append(trace.grad_nbytes(p))
     return out, accum
+
+
+def _users_by_ops(trace: _Trace, covered: list[bool]) -> dict[int, list[int]]:
+    """Per trainable parameter (by id), the accounted calls whose ops read it differentiably, in forward order
+    (by the trace's op record: a parent's own code multiplying by a tied embedding's weight is a user too)."""
+    owner = [-1] * (max((c.op_end for c in trace.calls), default=0) + 1)
+    for c in sorted(trace.calls, key=lambda c: c.depth):  # deeper calls overwrite: an op is its innermost call's
+        if not covered[c.index]:
+            owner[c.op_start:c.op_end] = [c.index] * (c.op_end - c.op_start)
+    params = {_storage_key(p): id(p) for p in trace.twin.parameters() if p.requires_grad}
+    out: dict[int, list[int]] = {}
+    for op, t, kind in trace.uses:
+        if kind != GRAD_IN:
+            continue
+        pid = params.get(_storage_key(t))
+        if pid is not None and 0 <= op < len(owner) and owner[op] >= 0:
+            users = out.setdefault(pid, [])
+            if not users or users[-1] != owner[op]:
+                if owner[op] in users:
+                    users.remove(owner[op])
+                users.append(owner[op])
+    return out
+
+
+def _innermost_users(trace: _Trace, covered: list[bool]) -> dict[int, list[int]]:
+    """Per trainable parameter (by id), the accounted calls that use it, in forward order, by the modules that
+    hold it (for parameters the op record does not show used).
+
+    A call uses a parameter when its module holds it and no call inside it holds it too (a block holds its
+    layers' weights, but the layer's call is the user); a call answered by a formula stands for the calls
+    inside it. Calls of different modules holding one tensor (tied weights) are all users."""
+    calls = trace.calls
+    holders: dict[int, list[int]] = {}
+    for c in calls:
+        if c.module is not None:
+            for p in c.module.parameters():
+                if p.requires_grad:
+                    holders.setdefault(id(p), []).append(c.index)
+    out: dict[int, list[int]] = {}
+    for pid, hs in holders.items():
+        held, outer = set(hs), set()
+        for h in hs:
+            a = calls[h].parent
+            while a is not None:
+                if a in held:
+                    outer.add(a)
+                a = calls[a].parent
+        targets: list[int] = []
+        for h in hs:  # calls are numbered in forward order; innermost holders do not nest
+            if h in outer:
+                continue
+            while covered[h]:
+                h = calls[h].parent  # type: ignore[assignment]
+            if h in targets:
+                targets.remove(h)
+            targets.append(h)
+        out[pid] = targets
+    return out

@@ -24,6 +24,7 @@ class _Lifetimes:
         self.first: dict[int, int] = {}
         self.last: dict[int, int] = {}       #: last op using the storage, or last op of a call taking it
         self.last_grad: dict[int, int] = {}  #: last op into which a differentiable use of it went
+        self.grad_ops: dict[int, int] = {}   #: how many ops used it differentiably
         self.storage: dict[int, int] = {}
         self.grad: dict[int, int] = {}       #: bytes of its gradient (the largest differentiable view used)
         #: (op, parameter storage, its low-precision copy's storage, the copy's bytes)
@@ -38,6 +39,8 @@ class _Lifetimes:
             self.last[k] = max(self.last.get(k, op), op)
             self.storage.setdefault(k, t.untyped_storage().nbytes())
             if kind == GRAD_IN:
+                if self.last_grad.get(k) != op:
+                    self.grad_ops[k] = self.grad_ops.get(k, 0) + 1
                 self.last_grad[k] = op
                 if _nbytes(t) < t.untyped_storage().nbytes():
                     self.slices.setdefault(k, set()).add(t.storage_offset())

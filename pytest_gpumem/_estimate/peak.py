@@ -87,7 +87,7 @@ def _output_keep(trace: _Trace, saved_keys: set[int]) -> int:
     skip = saved_keys | trace.batch_keys
     keep = sum(_nbytes(t) for t in _tensors(trace.output) if _storage_key(t) not in skip)
     pytree = {_storage_key(t) for t in _tensors(trace.output)}
-    extra = {_storage_key(t): t.untyped_storage().nbytes() for t in held_by(trace.output)}
+    extra = {_storage_key(t): t.untyped_storage().nbytes() for t in held_by(trace.output, extra=trace.side_held)}
     return keep + sum(n for k, n in extra.items() if k not in pytree and k not in skip and k not in trace.param_keys)
 
 
@@ -131,7 +131,8 @@ def _step_figures(model: nn.Module, optimizer: Any, batch: Any, target: Any, tra
         optimizer=(opt_raw, opt_alloc), optimizer_temps=temps, eager_state=eager,
         saves=saves, leaves=_leaves(trace, saves, covered, grads_of, accum_of),
         out_keep=_output_keep(trace, saved_keys),
-        held_saves=frozenset(_storage_key(t) for t in held_by(trace.output)) & saved_keys,
-        loss=sum(_nbytes(t) for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
+        held_saves=frozenset(_storage_key(t) for t in held_by(trace.output, extra=trace.side_held)) & saved_keys,
+        loss=sum(t.untyped_storage().nbytes() for t in _tensors(trace.loss)), scaler=sc, region_saves=region_saves,
+        loss_seed=sum(_nbytes(t) for t in _tensors(trace.loss)),
         optimizer_program=program,
     )

@@ -63,7 +63,7 @@ class StepFigures:
     saves: list[_Save]
     leaves: list[_Leaf]
     out_keep: int                    #: output bytes nobody saves, alive from forward's end to backward's end
-    loss: int
+    loss: int                        #: bytes of the loss tensor's storage (the CPU's mse_loss: the unreduced buffer)
     scaler: Any = None               #: grad_scaler_tensors() when a GradScaler scales, else None
     region_saves: dict[int, list[_Save]] = field(default_factory=dict)
     #: saved storages the model's output also holds (the step keeps the output until backward ends): not freed
@@ -71,6 +71,7 @@ class StepFigures:
     held_saves: frozenset = frozenset()
     #: step -> the optimizer phase's events, for a rule with a program (LBFGS); None: state and temporaries
     optimizer_program: Callable[[int], list["Event"]] | None = None
+    loss_seed: int | None = None     #: bytes of backward's seed gradient (the loss's elements); None: ``loss``
 
 
 class StepReplay:
@@ -160,7 +161,8 @@ class StepReplay:
     def _backward(self, step: int, grads_present: bool) -> None:
         """A reverse sweep over the leaves: a storage is freed once the sweep passes its first save."""
         f, live, rnd = self.f, self.live, self.f.rnd
-        live.add(T, f.loss, rnd(f.loss))  # the seed gradient
+        seed = f.loss if f.loss_seed is None else f.loss_seed
+        live.add(T, seed, rnd(seed))  # the seed gradient
         sc = f.scaler
         if sc is not None:
             if step == 0:  # the first scale() makes the scale and the growth tracker
@@ -176,7 +178,7 @@ class StepReplay:
             self._free(self._remaining.pop())
         for s in self._held:
             self._free(s, ending=True)
-        live.add(T, -(f.out_keep + 2 * f.loss), -(rnd(f.out_keep) + 2 * rnd(f.loss)))
+        live.add(T, -(f.out_keep + f.loss + seed), -(rnd(f.out_keep) + rnd(f.loss) + rnd(seed)))
         if sc is not None:
             self.add_all(self.items(T, sc.backward, -1))
         # grads of trainable params no leaf owned (e.g. used only by functional code in a container)
@@ -240,10 +242,12 @@ class StepReplay:
             live.observe(extra + scratch)
             for g in new_grads:
                 live.add(Category.GRADS, g, rnd(g))
-        # a grad the loss already made (L1 penalty): once the call's backward is done, its contribution
-        # and the out-of-place sum are alive beside the old grad (measured: 2 x the parameter's bytes)
+        # a grad a later call already made (L1 penalty in the loss, a head tied to this embedding): once the
+        # call's backward is done, its contribution and the out-of-place sum are alive beside the old grad
+        # (measured: 2 x the parameter's bytes), the input's grad and the grads held across the call (a
+        # cross-attention's grad into the encoder output, Whisper: 0.1 MiB of its peak)
         for g in leaf.accum_raw:
-            live.observe([(T, 2 * g, 2 * rnd(g))])
+            live.observe(held + [(T, 2 * g, 2 * rnd(g))])
         for s in self._free_after(threshold):
             self._free(s)
 

@@ -63,6 +63,8 @@ class _Trace:
     passthrough: frozenset = frozenset()  #: ops whose backward hands the output's grad on unchanged
     #: op -> bytes of each buffer its backward allocates and frees (a CUDA attention kernel's scratch)
     scratch: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: id(object) -> (object, tensors replayed blocks left in it): a KV cache updated by a replayed layer
+    side_held: dict[int, tuple[Any, list[torch.Tensor]]] = field(default_factory=dict)
 
     def uses_between(self, start: int, end: int) -> list[tuple[int, torch.Tensor, int]]:
         """The entries of ``uses`` with ``start <= op < end`` (``uses`` is in op order: a bisection, not a scan)."""
@@ -118,7 +120,7 @@ def trace_step(model: nn.Module, batch: Any, *, target: Any = None, loss_fn: Cal
     return _Trace(calls, order, param_keys, batch_keys, output, loss, twin, reused,
                   _loss_params(output, loss, dict(zip(map(id, model.parameters()), map(id, twin.parameters())))),
                   tracer.uses, tracer.save_ops, _sparse_grad_bytes(calls), tracer.user_autocast,
-                  frozenset(tracer.passthrough), dict(tracer.scratch))
+                  frozenset(tracer.passthrough), dict(tracer.scratch), dict(tracer.side_held))
 
 
 def _sparse_grad_bytes(calls: list[_Call]) -> dict[int, int]:
@@ -156,13 +158,15 @@ def _loss_params(output: Any, loss: Any, twin_of: dict[int, int]) -> frozenset[i
     return frozenset(found)
 
 
-#: ops whose backward passes the output's gradient to every input as it is, allocating none (an add of two
-#: branches, a residual add, views): a call made only of them makes no input gradient in backward
+#: ops whose backward passes the output's gradient to every input as it is or as a view of it, allocating none
+#: (an add of two branches, a residual add, views, sums): a call made only of them makes no input gradient
 _aten = torch.ops.aten
 PASSTHROUGH_OPS = frozenset({
     _aten.add.Tensor, _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
     _aten.transpose.int, _aten.permute.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.alias.default,
     _aten.detach.default,
+    # a sum's backward expands its output's grad to the input's shape: a view, nothing allocated
+    _aten.sum.default, _aten.sum.dim_IntList,
 })
 
 
@@ -227,6 +231,7 @@ class _Tracer:
         self.scratch: dict[int, tuple[int, ...]] = {}  #: op -> its backward's scratch buffers (bytes each)
         self.uses: list[tuple[int, torch.Tensor, int]] = []  #: (op, tensor, OUT/IN/GRAD_IN) per op tensor
         self.paused = False  #: a block replay makes its own tensors: _Uses records nothing meanwhile
+        self.side_held: dict[int, tuple[Any, list[torch.Tensor]]] = {}  #: what replayed blocks left in objects
         #: autocast the model or loss entered itself (meta tensors ignore it, so the trace ran in full precision)
         self.user_autocast: str | None = None
         self.watch_autocast = True
