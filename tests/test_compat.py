@@ -18,7 +18,7 @@ TORCH = f"torch {torch.__version__}"
 
 
 def _moved(internal: str) -> str:
-    return f"{internal} moved or changed in {TORCH}: update pytest_gpumem/_compat.py"
+    return f"{internal} moved or changed in {TORCH}: update pytest_gpumem/_compat/"
 
 
 def test_dispatch_mode_and_pytree_are_importable():
@@ -263,7 +263,7 @@ def test_hypothesis_digest_changes_the_database_key():
     _compat.set_hypothesis_digest(prop, b"two")
     assert before != one != function_digest(prop.hypothesis.inner_test), (
         f"hypothesis {hypothesis.__version__} no longer reads _hypothesis_internal_add_digest: "
-        "update pytest_gpumem/_compat.py")
+        "update pytest_gpumem/_compat/")
 
 
 def test_a_missing_internal_is_named_with_the_torch_version():

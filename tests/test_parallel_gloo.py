@@ -115,10 +115,10 @@ def test_the_fsdp2_internals_compat_reads_are_where_they_were(measured):
     """_compat.dtensor_local and fsdp_unsharded_params on a real FSDP2 module (one gloo rank)."""
     compat = measured["compat"]
     assert compat["local_shape"] == [3, 4] and compat["local_is_plain"], \
-        f"DTensor._local_tensor moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+        f"DTensor._local_tensor moved in torch {torch.__version__}: update pytest_gpumem/_compat/"
     # created on the first all-gather: none before the forward, weight and bias after
     assert compat["unsharded_before"] == 0 and compat["unsharded_after"] == [[3, 4], [3]], \
-        f"FSDPParam._unsharded_param moved in torch {torch.__version__}: update pytest_gpumem/_compat.py"
+        f"FSDPParam._unsharded_param moved in torch {torch.__version__}: update pytest_gpumem/_compat/"
 
 
 def test_a_rank_refused_backward_after_a_fork_gets_advice():
