@@ -9,15 +9,20 @@ a child; the parent only forks and reads.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
+import signal
 import sys
+import time
 import traceback
 import warnings
 from typing import Callable, NoReturn
 
 from .._core.results import StepReport
 from .._measure.step import StepFailed
+from .runners import DEFAULT_TIMEOUT_S
 
 
 def can_fork() -> bool:
@@ -55,25 +60,81 @@ def send_and_exit(fd: int, payload: dict, code: int) -> NoReturn:
         os._exit(code)
 
 
-def report_from_child(measure: Callable[[], StepReport]) -> StepReport:
-    """``measure()`` run in a forked child; its report, or StepFailed carrying the child's error and traceback."""
+#: what torch's error says when a forked process cannot run backward (its parent started autograd's device threads)
+AUTOGRAD_FORK_MARK = "Autograd-and-Fork"
+
+
+class ChildCannotRunBackward(StepFailed):
+    """The forked child could not run backward: this process had started autograd's device threads before."""
+
+
+def report_from_child(measure: Callable[[], StepReport], timeout_s: float = DEFAULT_TIMEOUT_S) -> StepReport:
+    """``measure()`` run in a forked child; its report, or StepFailed carrying the child's error and traceback.
+    A child still running after ``timeout_s`` seconds is killed and StepFailed says so."""
     pid, read_fd = fork_with_pipe(lambda fd: _child(measure, fd))
-    chunks = []
-    with os.fdopen(read_fd, "rb") as pipe:
-        while chunk := pipe.read(1 << 16):
-            chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        raise StepFailed(f"the emulated rank's process ended without a report (wait status {status})", None)
-    payload = json.loads(b"".join(chunks))
+    try:
+        data, finished = _read_until(read_fd, time.monotonic() + timeout_s)
+    finally:
+        os.close(read_fd)
+        if not _reaped(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    if not finished:
+        raise StepFailed(f"the emulated rank's process did not finish within timeout={timeout_s:g} s and was "
+                         "stopped; give measure_parallel_step a larger timeout= for a larger model", None)
+    if not data:
+        raise StepFailed("the emulated rank's process ended without a report", None)
+    payload = json.loads(data)
     if "error" in payload:
-        raise StepFailed(f"{payload['error']}\n(in the emulated rank's process)\n{payload['traceback']}", None)
+        kind = ChildCannotRunBackward if AUTOGRAD_FORK_MARK in payload["error"] else StepFailed
+        raise kind(f"{payload['error']}\n(in the emulated rank's process)\n{payload['traceback']}", None)
     return StepReport.from_dict(payload["report"])
+
+
+def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """Everything written to ``fd`` until its end, and whether the end came before ``deadline``."""
+    chunks = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not selector.select(timeout=min(remaining, 0.5)):
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def _reaped(pid: int) -> bool:
+    """Wait briefly for ``pid`` to exit (it has closed its pipe); False while it still runs."""
+    for _ in range(50):
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this forked process when the process that forked it dies (no orphans after a crash or kill)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def _child(measure: Callable[[], StepReport], fd: int) -> NoReturn:
     code = 1
     try:
+        die_with_parent()
         payload = {"report": measure().to_dict()}
         code = 0
     except BaseException as exc:  # noqa: BLE001 - whatever the rank raised goes to the parent

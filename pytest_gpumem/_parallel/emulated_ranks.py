@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import itertools
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from .._core.results import RankInfo, StepReport
 from .._emulation.devices import resolve as resolve_device
 from .._measure.backends import Backend, CpuBackend, EmulatedBackend
 from .._measure.twins import optimizer_twin
-from .clean_child import can_fork, report_from_child
+from .clean_child import ChildCannotRunBackward, can_fork, report_from_child
 from .rank_step import measure_rank_step
 from .runners import ParallelStep, parallel_runner
 from .strategies import FSDP, ZeRO
@@ -260,12 +260,22 @@ def emulate_ranks(step: ParallelStep, *, semantics: str = "cuda") -> tuple[StepR
     reports: dict[int, StepReport] = {}
     for group in rank_groups(step):
         backend = EmulatedRankBackend(profile=resolve_device(step.device)) if semantics == "cuda" else kinds[semantics]()
-        measure = functools.partial(emulate_rank, step, group[0], backend)
-        # FSDP's DTensors would stop this process from forking gloo ranks later (see clean_child): run it apart
-        measured = report_from_child(measure) if _shards_parameters(step.strategy) and can_fork() else measure()
+        measured = _measure_apart(step, functools.partial(emulate_rank, step, group[0], backend))
         for rank in group:
             reports[rank] = measured if rank == group[0] else _same_as(measured, rank, group[0])
     return tuple(reports[rank] for rank in range(step.strategy.world_size))
+
+
+def _measure_apart(step: ParallelStep, measure: Callable[[], StepReport]) -> StepReport:
+    """A sharded step runs in a forked child: FSDP's DTensors would stop this process from forking gloo ranks
+    later (see clean_child). Where this process can no longer fork children that run backward anyway (it ran a
+    backward with a CUDA device present, or a DTensor step before), there is nothing left to protect: run here."""
+    if not (_shards_parameters(step.strategy) and can_fork()):
+        return measure()
+    try:
+        return report_from_child(measure, step.timeout_s)
+    except ChildCannotRunBackward:
+        return measure()
 
 
 def _same_as(report: StepReport, rank: int, measured: int) -> StepReport:

@@ -14,7 +14,6 @@ import os
 import selectors
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -24,7 +23,7 @@ from typing import NoReturn
 
 from .._core.results import StepReport
 from .._measure.step import StepFailed
-from .clean_child import fork_with_pipe, send_and_exit
+from .clean_child import die_with_parent, fork_with_pipe, send_and_exit
 from .runners import ParallelStep, parallel_runner
 
 #: more ranks than this on one CPU is slow and says nothing new; the emulated backend takes any world size
@@ -82,7 +81,7 @@ def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> NoRet
     """Inside the forked rank: join the group, measure, send JSON, leave without running the parent's cleanup."""
     code = 1
     try:
-        _die_with_parent()
+        die_with_parent()
         import torch
         import torch.distributed as dist
 
@@ -100,16 +99,6 @@ def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> NoRet
     except BaseException as exc:  # noqa: BLE001 - whatever the rank raised goes to the parent
         payload = {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     send_and_exit(fd, payload, code)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this rank when the process that forked it dies (no orphans after a crash or kill)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def _collect(ranks: list[_Rank], timeout_s: float) -> None:
