@@ -386,3 +386,11 @@ def test_fsdp2_prefetch_goes_through_a_static_method_we_can_wrap():
     assert isinstance(owner.__dict__[name], staticmethod), _moved("FSDPParamGroup._prefetch_unshard (a staticmethod)")
     assert list(inspect.signature(getattr(owner, name)).parameters) == ["target_fsdp_param_group", "pass_type"], \
         _moved("FSDPParamGroup._prefetch_unshard(target_fsdp_param_group, pass_type)")
+
+
+def test_the_nn_loss_ops_are_what_the_f_losses_call():
+    ops = _compat.nn_loss_ops()
+    assert [op.__name__ for op in ops] == ["mse_loss", "smooth_l1_loss", "soft_margin_loss", "binary_cross_entropy"], \
+        _moved("torch._C._nn.{mse_loss, smooth_l1_loss, soft_margin_loss, binary_cross_entropy}")
+    x = torch.ones(3)
+    assert ops[0](x, x, 1).item() == 0.0, _moved("torch._C._nn.mse_loss(input, target, reduction)")  # 1: mean

@@ -43,3 +43,19 @@ def test_peak_matches_the_cpu_with_the_loss_buffer(name):
     rep = measure_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, target=y, loss_fn=LOSSES[name],
                        backend="cpu")
     assert est.peak == rep.peak
+
+
+@pytest.mark.parametrize("how", ["broadcast", "keywords"])
+def test_the_buffer_follows_broadcasting_and_keyword_arguments(how):
+    """An (8, 1) input against an (8, 8) target: the CPU keeps the 8 x 8 elementwise loss, 64 x 4 = 256 B (the input
+    alone would say 8 x 4 = 32 B); given by keyword, input and target are found all the same (4 x 4 x 4 = 64 B)."""
+    if how == "broadcast":
+        x, y, loss, kept = torch.randn(8, 1), torch.randn(8, 8), F.mse_loss, 256
+    else:
+        x, y, kept = torch.randn(4, 4), torch.randn(4, 4), 64
+
+        def loss(out, target):
+            return F.mse_loss(input=out, target=target)
+    assert loss(x, y).untyped_storage().nbytes() == kept  # the CPU fact itself, on this torch
+    trace = trace_step(nn.Identity(), x, target=y, loss_fn=loss, device="cpu")
+    assert trace.loss.untyped_storage().nbytes() == kept

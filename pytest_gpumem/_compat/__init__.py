@@ -59,6 +59,7 @@ __all__ = [
     "is_checkpoint_pack_hook",
     "is_view",
     "mkldnn_bf16_supported",
+    "nn_loss_ops",
     "module_registries",
     "onednn_lstm_layer",
     "op_returns_nothing",
@@ -157,6 +158,13 @@ def onednn_lstm_layer(x: torch.Tensor, weights: tuple[torch.Tensor, ...], hx: to
     (oneDNN; torch >= 2.1). ``weights`` are (w_ih, w_hh, b_ih, b_hh); on meta the workspace comes back empty."""
     return torch.ops.aten.mkldnn_rnn_layer(x, *weights, hx, cx, reverse, [], 2, hx.size(-1), num_layers,
                                            has_biases, bidirectional, batch_first, train)
+
+
+def nn_loss_ops() -> tuple[Any, ...]:
+    """``torch._C._nn``'s mse_loss, smooth_l1_loss, soft_margin_loss and binary_cross_entropy: the callables the F
+    functions hand on to, which a torch-function mode sees on their own (checked on torch 2.11 and 2.14)."""
+    names = ("mse_loss", "smooth_l1_loss", "soft_margin_loss", "binary_cross_entropy")
+    return tuple(_require(torch._C._nn, name, "torch._C._nn") for name in names)
 
 
 def mkldnn_bf16_supported() -> bool:

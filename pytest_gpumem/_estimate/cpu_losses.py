@@ -8,22 +8,30 @@ scalar on a 524,288-byte storage). ``l1_loss``, ``huber_loss``, ``kl_div`` and t
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._compat import nn_loss_ops
+
 #: the callables the torch-function mode sees for them: the F functions (autocast's list has them, so the mode
 #: handles them whole) and the torch._C._nn ops they call
 CPU_UNREDUCED_LOSSES = frozenset({F.mse_loss, F.smooth_l1_loss, F.soft_margin_loss, F.binary_cross_entropy,
-                                  torch._C._nn.mse_loss, torch._C._nn.smooth_l1_loss, torch._C._nn.soft_margin_loss,
-                                  torch._C._nn.binary_cross_entropy})
+                                  *nn_loss_ops()})
 
 
-def keep_unreduced_buffer(out: Any, args: tuple) -> Any:
-    """``out`` (the loss on meta) with its storage widened to the input's elements when it is reduced."""
-    x = args[0] if args else None
-    if (isinstance(out, torch.Tensor) and out.dim() == 0 and out.device.type == "meta" and isinstance(x, torch.Tensor)
-            and x.numel() > 1):
-        out.untyped_storage().resize_(x.numel() * out.element_size())
+def keep_unreduced_buffer(out: Any, args: tuple, kwargs: dict) -> Any:
+    """``out`` (the loss on meta) with its storage widened to the elementwise loss's size when it is reduced: the
+    input and target broadcast together (an (8, 1) input against an (8, 8) target keeps 8 x 8 elements)."""
+    bound = {**dict(zip(("input", "target"), args)), **kwargs}
+    x, y = bound.get("input"), bound.get("target")
+    if not (isinstance(out, torch.Tensor) and out.dim() == 0 and out.device.type == "meta"
+            and isinstance(x, torch.Tensor)):
+        return out
+    shape = torch.broadcast_shapes(x.shape, y.shape) if isinstance(y, torch.Tensor) else x.shape
+    elements = math.prod(shape)
+    if elements > 1:
+        out.untyped_storage().resize_(elements * out.element_size())
     return out

@@ -98,7 +98,7 @@ class KernelMode(TorchFunctionMode):
         if func is torch.lstm:  # the CPU's oneDNN LSTM; CUDA's cuDNN RNN is the formulas' (_cuda_facts.rnn)
             return cpu_lstm(args, kwargs) if self.device == "cpu" else None
         if func in CPU_UNREDUCED_LOSSES:
-            return keep_unreduced_buffer(func(*args, **kwargs), args) if self.device == "cpu" else None
+            return keep_unreduced_buffer(func(*args, **kwargs), args, kwargs) if self.device == "cpu" else None
         if len(args) > 6:
             return None
         bound = _bound(args, kwargs)
