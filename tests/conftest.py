@@ -1,10 +1,12 @@
-"""Shared test setup: hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "ci")."""
+"""Shared test setup: hypothesis profiles (HYPOTHESIS_PROFILE, default "ci"), one torch thread per xdist worker, and
+the garbage collector kept off what the whole session keeps alive."""
 from __future__ import annotations
 
 import gc
 import os
 from datetime import timedelta
 
+import pytest
 from hypothesis import settings
 
 # ci: few examples, same examples on every run (derandomize) so a red CI is reproducible, no database.
@@ -38,16 +40,23 @@ except ImportError:  # pragma: no cover - not present on every torch release
     pass
 
 
-def pytest_collection_finish(session) -> None:
-    """Freeze what exists once the tests are collected, so the garbage collector stops walking it.
+_frozen_for: list = [None]  # the test module whose first test last froze the gc
 
-    Collection leaves every imported library (torch, torchvision, transformers, timm, hypothesis) and every test
-    item in memory for the whole session: ~0.4 million objects that each full collection walks again. Tests and
-    the plugin call gc.collect() often (each plugin test's leak check; measure_step after every step), and the
-    interpreter's own oldest-generation passes add more: ~9 s of the plugin and estimate tests alone went to
-    that. Frozen objects are still alive and still freed if a test drops them, except inside a reference cycle,
-    and nothing that exists at this point is dropped before the session ends. Everything the tests make stays
-    collectable, so leak and live-byte checks see the same garbage go as without this.
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test module's first test (and its fixtures), collect, then freeze what survives.
+
+    What survives is what the rest of the session keeps: every imported library (torch, torchvision, transformers,
+    timm, hypothesis; ~0.4 million objects after collection, more as tests import lazily), the test items and
+    long-lived caches. Without this each full collection walks all of it again, and tests and the plugin collect
+    often (each plugin test's leak check; measure_step after every step): ~9 s of CPU in the plugin and estimate
+    tests alone, ~25 s in the fuzz and zoo tests. A frozen object is still freed when a test drops it, unless it
+    sits in a reference cycle; objects made by a test are not frozen before the next module starts, so leak and
+    live-byte checks see the same garbage go as without this.
     """
-    gc.collect()
-    gc.freeze()
+    module = getattr(item, "module", None)
+    if module is not _frozen_for[0]:
+        _frozen_for[0] = module
+        gc.collect()
+        gc.freeze()
