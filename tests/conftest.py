@@ -1,12 +1,9 @@
-"""Shared test setup: hypothesis profiles (HYPOTHESIS_PROFILE, default "ci"), one torch thread per xdist worker, and
-the garbage collector kept off what the whole session keeps alive."""
+"""Shared test setup: hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "ci")."""
 from __future__ import annotations
 
-import gc
 import os
 from datetime import timedelta
 
-import pytest
 from hypothesis import settings
 
 # ci: few examples, same examples on every run (derandomize) so a red CI is reproducible, no database.
@@ -38,25 +35,3 @@ try:
     import torch._inductor.test_operators  # noqa: E402,F401
 except ImportError:  # pragma: no cover - not present on every torch release
     pass
-
-
-_frozen_for: list = [None]  # the test module whose first test last froze the gc
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Before each test module's first test (and its fixtures), collect, then freeze what survives.
-
-    What survives is what the rest of the session keeps: every imported library (torch, torchvision, transformers,
-    timm, hypothesis; ~0.4 million objects after collection, more as tests import lazily), the test items and
-    long-lived caches. Without this each full collection walks all of it again, and tests and the plugin collect
-    often (each plugin test's leak check; measure_step after every step): ~9 s of CPU in the plugin and estimate
-    tests alone, ~25 s in the fuzz and zoo tests. A frozen object is still freed when a test drops it, unless it
-    sits in a reference cycle; objects made by a test are not frozen before the next module starts, so leak and
-    live-byte checks see the same garbage go as without this.
-    """
-    module = getattr(item, "module", None)
-    if module is not _frozen_for[0]:
-        _frozen_for[0] = module
-        gc.collect()
-        gc.freeze()
