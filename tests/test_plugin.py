@@ -98,8 +98,19 @@ def expected():
     # of grads and of SGD momentum buffers; the batch is 16 x 32 fp32 = 2048 B
     split = {c.value: report.category_peak(c) for c in CATEGORIES}
     assert (split["params"], split["grads"], split["optimizer"], split["batch"]) == (9488, 9488, 9488, 2048)
-    # allocated bytes are whole 512-B blocks: the weights take 8192 and 1024 B, each bias one 512-B block
-    assert report.peak % 512 == 0 and report.peak >= 3 * (8192 + 1024 + 2 * 512) + 2048
+    # The peak, in the allocator's 512-B blocks: W1 (64 x 32 fp32) 8192 B, W2 (4 x 64) 1024 B, each bias (256 B,
+    # 16 B) one 512-B block: 10240 B per copy of the model state. The second ("steady") step's backward holds, at
+    # the instant b1's grad, the last of the four, is allocated,
+    #   params + momentum buffers (the first step made them) + all four grads   3 x 10240 = 30720
+    #   the batch                                                                          2048
+    #   the grad at ReLU's input (16 x 64 fp32, read by W1's and b1's grads)              4096
+    #   Linear2's 16 x 4 output (256 B; held through backward), the scalar loss
+    #   and its grad of ones (4 B each): one 512-B block each                          3 x 512
+    # = 38400 B. The first step's backward holds no momentum buffers yet, so the steady one is the peak.
+    assert report.peak == 3 * 10240 + 2048 + 4096 + 3 * 512 == 38400
+    assert (report.peak_step.label, report.peak_phase.value) == ("steady", "backward")
+    # every block is far below 1 MiB: the caching allocator serves all of them from one 2 MiB small-pool segment
+    assert report.reserved_peak == 2 * 1024 * 1024
     return report
 
 
