@@ -94,6 +94,14 @@ def _late_free_allowance(name: str, layout) -> int:
     return max(u.reduce_scatter for u in unit_buffers(cases.case(name)[0], fsdp))
 
 
+def test_the_late_free_allowance_is_the_largest_units_padded_gradients():
+    # the figures of _late_free_allowance's docstring: the MLP's Linear(512, 512), 262,656 fp32, on 2 or 4 ranks
+    # (FSDP or ZeRO-2); a transformer block, 49,984 fp32; nothing for DDP's in-place all-reduce
+    assert {_late_free_allowance("mlp", layout) for layout in (FSDP(2), FSDP(4), ZeRO(2, 2), ZeRO(2, 4))} == {1_050_624}
+    assert _late_free_allowance("transformer", FSDP(2)) == 49_984 * 4
+    assert _late_free_allowance("mlp", DDP(2)) == _late_free_allowance("mlp", ZeRO(1, 2)) == 0
+
+
 def test_gloo_ranks_still_fork_after_an_emulated_fsdp_step_in_the_same_process():
     # FSDP2's DTensors would start autograd's device threads here, after which forked ranks cannot run autograd;
     # the emulated sharded rank runs in a child, so this process stays able to fork gloo ranks
