@@ -130,9 +130,11 @@ def test_closed_forms_agree_with_deepspeeds_published_zero_formulas(world_size):
     zero1 = model_states(model, adam, ZeRO(1, n), device="cuda")
     assert all(s.total - s.buckets == deepspeed_zero_bytes(1, psi, n, k=8, param_bytes=4, grad_bytes=4)
                == 8 * psi + 8 * psi // n for s in zero1)
-    # stage 2 as torch runs it (FSDP2, params sharded between steps too): 4Ψ/N + (4+8)Ψ/N, i.e. the paper's
-    # p·Ψ + (g+K)Ψ/N with the parameter term divided as well (torch gathers them once per step)
+    # stage 2 as torch runs it (FSDP2, params sharded between steps too), fp32: params 4Ψ/N + grads 4Ψ/N + Adam
+    # moments 8Ψ/N = 16Ψ/N, i.e. the paper's p·Ψ + (g+K)Ψ/N with p = g = 4, K = 8 and the parameter term divided
+    # as well (torch gathers them once per step): 4Ψ + 12Ψ/N - 4Ψ + 4Ψ/N = 16Ψ/N, no gradient buckets
     zero2 = model_states(model, adam, ZeRO(2, n), device="cuda")
+    assert all(s.total == 16 * psi // n and s.buckets == 0 for s in zero2)
     assert all(s.total == deepspeed_zero_bytes(2, psi, n, k=8, param_bytes=4, grad_bytes=4) - 4 * psi + 4 * psi // n
                for s in zero2)
 

@@ -225,7 +225,7 @@ def test_whole_model_gathered(gpumem, monkeypatch):
 
 def test_a_budget_test_fails_naming_the_buffer_that_contradicts(pytester):
     pytester.makepyfile(PLUGIN_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gpumem-json=out.json")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gpumem-json=out.json", timeout=300)
     result.assert_outcomes(passed=1, failed=1)
     # units Linear(16,32) 32x16+32 = 544 and Linear(32,4) 4x32+4 = 132 elements; as one unit 676 x 4 = 2,704 B
     # gathered at once, where the closed form holds the larger unit, 544 x 4 = 2,176 B
