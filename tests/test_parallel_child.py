@@ -43,7 +43,7 @@ def test_a_child_past_its_deadline_is_stopped_and_reaped(tmp_path):
 # run backward, which would break any later test of the same xdist worker that forks gloo ranks.
 _AFTER_A_DTENSOR_STEP = textwrap.dedent("""
     import json, sys
-    import parallel_agreement_cases as cases
+    import parallel_layout_cases as cases
     from pytest_gpumem import FSDP
     from pytest_gpumem._parallel import emulated_ranks as er
     from pytest_gpumem._parallel.runners import ParallelStep

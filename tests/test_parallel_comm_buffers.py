@@ -1,7 +1,7 @@
 """Closed forms of the communication buffers (FSDP2's all-gather/unsharded/prefetched/reduce-scatter, DDP's
 buckets) against emulated and gloo ranks, and in the contradiction check.
 
-Figures are raw bytes. The MLP of parallel_agreement_cases: Linear(256,512) 512x256+512 = 131,584 elements,
+Figures are raw bytes. The MLP of parallel_layout_cases: Linear(256,512) 512x256+512 = 131,584 elements,
 Linear(512,512) 512x512+512 = 262,656, Linear(512,10) 10x512+10 = 5,130 (on 4 ranks dim 0 pads 10 -> 12 rows:
 12x512+12 = 6,156); no parameters of its own, so the root is no unit. The transformer: each block 49,984
 elements (2 LayerNorms 2x128, in_proj 192x64+192 = 12,480, out_proj 64x64+64 = 4,160, MLP 256x64+256 = 16,640
@@ -26,8 +26,7 @@ from pytest_gpumem._parallel.model_check import measured_buffer_peaks, model_sta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import parallel_agreement_cases as cases  # noqa: E402
-import parallel_buffer_cases as gloo_cases  # noqa: E402
+import parallel_layout_cases as cases  # noqa: E402
 from fresh_interpreter import run_script_once  # noqa: E402
 
 MLP_FP32 = (526_336, 1_050_624)  # 131,584 x 4 B, 262,656 x 4 B: the first two units
@@ -112,13 +111,15 @@ def test_emulated_ranks_reach_each_closed_form_to_the_byte(name, layout):
 
 @pytest.fixture(scope="module")
 def gloo_runs(tmp_path_factory):
-    """Every case of parallel_buffer_cases.py on gloo ranks, in a fresh interpreter (see its docstring), once a run."""
-    data = run_script_once(tmp_path_factory, "parallel_buffer_cases.py", timeout_s=600)
-    return {k: ParallelReport.from_dict(v) for k, v in data.items()}
+    """Every buffer case of parallel_layout_cases.py on gloo ranks, in a fresh interpreter (see its docstring), once a
+    run."""
+    data = run_script_once(tmp_path_factory, "parallel_layout_cases.py", timeout_s=900)
+    return {k: ParallelReport.from_dict(v) for k, v in data["reports"].items()}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo ranks are forked processes")
-@pytest.mark.parametrize("name, layout", gloo_cases.CASES, ids=[cases.case_id(*c) for c in gloo_cases.CASES])
+@pytest.mark.parametrize("name, layout", cases.BUFFER_CASES,
+                         ids=[cases.case_id(*c) for c in cases.BUFFER_CASES])
 def test_gloo_ranks_reach_each_closed_form_and_the_check_holds(gloo_runs, name, layout):
     model, optimizer, *_ = cases.case(name)
     estimate = model_state_estimate(model, optimizer, layout, device="cpu")
@@ -264,7 +265,7 @@ def test_nested_units_are_sharded_inner_first_and_gathered_inside_their_outer_un
     # together, 51,080 + 67,584 + 132,352 = 251,016 B; the all-gather buffers of block 0's MLP and block 1
     # overlap: 132,352 + 67,584 = 199,936 B (root + block 0 is 118,664 B). Backward: block 1 prefetches its MLP,
     # the MLP prefetches block 0 (the unit whose forward ended before): at most 132,352 B.
-    layout = FSDP(2, wrap=gloo_cases.nested_units)
+    layout = FSDP(2, wrap=cases.nested_units)
     assert [u.all_gather for u in unit_buffers(cases.case("transformer")[0], layout)] == [
         51_080, 67_584, 132_352, 67_584, 132_352]  # module order: block 0, its MLP, block 1, its MLP
     assert closed("transformer", layout) == {ALL_GATHER: 199_936, UNSHARDED: 251_016, PREFETCHED: 132_352,

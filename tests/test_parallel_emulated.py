@@ -18,7 +18,7 @@ from pytest_gpumem._parallel.runners import ParallelStep  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import parallel_agreement_cases as cases  # noqa: E402
+import parallel_layout_cases as cases  # noqa: E402
 from fresh_interpreter import run_script_once  # noqa: E402
 
 
@@ -60,8 +60,9 @@ def test_zero1_ranks_hold_different_optimizer_state_that_adds_up_to_one_copy():
 
 @pytest.fixture(scope="module")
 def gloo_peaks(tmp_path_factory):
-    """Every case measured on real gloo ranks, in a fresh interpreter (see parallel_agreement_cases), once a run."""
-    return run_script_once(tmp_path_factory, "parallel_agreement_cases.py", timeout_s=600)
+    """Every agreement case measured on real gloo ranks, in a fresh interpreter (see parallel_layout_cases), once a
+    run."""
+    return run_script_once(tmp_path_factory, "parallel_layout_cases.py", timeout_s=900)["peaks"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="gloo ranks are forked processes")

@@ -9,7 +9,8 @@ dtypes alone, whereas its share of a phase's peak depends on what else is alive 
 gathered buffers on gloo ranks: gloo's worker thread can let go of an all-gather output after FSDP2 has
 dropped it, so the next unit's buffer is allocated first: one unit's buffer more, on one rank now and then
 (torch 2.14: the all-gather buffer in 3 of 20 sharded runs of the agreement cases; the prefetched buffer on
-1 of 174 rank reports of tests/parallel_buffer_cases.py run three times; torch 2.11: none in 20 runs).
+1 of 174 rank reports of the buffer cases of tests/parallel_layout_cases.py run three times; torch 2.11: none
+in 20 runs).
 """
 from __future__ import annotations
 
