@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from pytest_gpumem import DDP, FSDP, Phase, ZeRO, measure_parallel_step
+from pytest_gpumem import DDP, FSDP, ParallelReport, Phase, ZeRO, measure_parallel_step
 from pytest_gpumem._measure.step import StepFailed
 
 CASES = [DDP(2), DDP(2, gradient_as_bucket_view=True), FSDP(2), ZeRO(1, 2), ZeRO(2, 2), FSDP(4), ZeRO(1, 4),
@@ -113,7 +113,13 @@ def _settled(strategy) -> dict:
         model = uneven()
         results.append(measure_parallel_step(model, adam(model), torch.randn(8, 5), parallel=strategy,
                                              backend="cpu", timeout=120))
-    return min(results, key=lambda r: sum(rank.steps[-1].phases[Phase.BACKWARD].peak for rank in r.ranks)).to_dict()
+    return quietest(results).to_dict()
+
+
+def quietest(runs: list[ParallelReport]) -> ParallelReport:
+    """Of several runs of one case, the one whose ranks peaked lowest in backward, summed: a run without gloo's
+    late free of a staged reduce-scatter copy (see _settled)."""
+    return min(runs, key=lambda run: sum(rank.steps[-1].phases[Phase.BACKWARD].peak for rank in run.ranks))
 
 
 def main() -> None:
