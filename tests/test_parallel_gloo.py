@@ -106,9 +106,10 @@ def test_fsdp_names_all_gathered_parameters_and_reduce_scatter_buffers(runs):
     assert zero2[Phase.FORWARD].part_peaks["params: unsharded"] == 192 + 128 + 32
     assert zero2[Phase.BACKWARD].part_peaks["params: unsharded"] == 352  # still all held
     assert zero2[Phase.BACKWARD].part_peaks["grads: reduce-scatter input"] == 192  # Linear(5,7)'s, as above
-    # nothing resharded, so nothing to gather or prefetch in backward
+    # nothing resharded, so nothing to gather or prefetch in backward; but gloo may let go of the last forward
+    # all-gather output (LayerNorm's, 32 B) only after backward began (seen once in CI: 32 B): the same slack
     assert "params: prefetched" not in zero2[Phase.BACKWARD].part_peaks
-    assert "params: all-gather buffer" not in zero2[Phase.BACKWARD].part_peaks
+    assert zero2[Phase.BACKWARD].part_peaks.get("params: all-gather buffer", 0) <= slack
 
 
 def test_zero1_ranks_hold_the_optimizer_state_of_their_parameters_only(runs):
