@@ -300,7 +300,7 @@ def _freeze_older_objects() -> bool:
 
     A full collection walks every long-lived object of torch (~0.1 s, a sixth of an emulated ResNet-50
     step); the step's garbage is all new, so the same storages are freed either way. Skipped when the
-    caller froze objects already (fuzz() does): unfreezing would undo theirs.
+    caller froze objects already: unfreezing would undo theirs.
     """
     if gc.get_freeze_count():
         return False
