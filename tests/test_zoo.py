@@ -8,6 +8,8 @@ backend cannot run yet are strict xfails naming the failing op, so they fail the
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from gpumem_zoo.entry import Entry, Step
 from gpumem_zoo.oracle import memtracker_peak
 from pytest_gpumem import Category, StepReport, measure_step
 from pytest_gpumem._measure.step import StepFailed
+from pytest_gpumem._reporting.atomic_files import folder_lock
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -44,15 +47,36 @@ def measure(step: Step, backend: str) -> StepReport:
                         backend=backend, autocast_dtype=step.autocast_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_run(name: str) -> tuple[StepReport, int, int]:
-    """(cpu report, step tensors in the optimizer state, batch bytes), measured once per entry and worker."""
+def _measure_cpu(name: str) -> dict:
+    """The cpu report of entry ``name``, the step tensors in its optimizer state and its batch bytes, as JSON."""
     step = build(name)
     report = measure(step, "cpu")
     steps = sum(1 for state in step.optimizer.state.values() if torch.is_tensor(state.get("step")))
     flat, _ = tree_flatten((step.batch, step.target))
     batch = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in flat if torch.is_tensor(t)}.values())
-    return report, steps, batch
+    return {"report": report.to_dict(), "steps": steps, "batch": batch}
+
+
+@pytest.fixture(scope="session")
+def cpu_runs(tmp_path_factory):
+    """cpu_run(name) -> (cpu report, step tensors in the optimizer state, batch bytes), measured once per entry
+    and test session: both tests of an entry need it, and under xdist they often land on different workers, so
+    the workers share the reports through a folder of this session (a lock per entry: the second one waits)."""
+    base = tmp_path_factory.getbasetemp()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    folder = (base.parent if worker else base) / "zoo-cpu-runs"  # a worker's parent folder is this session's
+    folder.mkdir(exist_ok=True)
+
+    @functools.lru_cache(maxsize=None)
+    def cpu_run(name: str) -> tuple[StepReport, int, int]:
+        path = folder / f"{name}.json"
+        with folder_lock(folder / name / "lock"):
+            if not path.exists():
+                path.write_text(json.dumps(_measure_cpu(name)))
+            data = json.loads(path.read_text())
+        return StepReport.from_dict(data["report"]), data["steps"], data["batch"]
+
+    return cpu_run
 
 
 def test_registry_is_a_zoo():
@@ -63,9 +87,9 @@ def test_registry_is_a_zoo():
 
 
 @pytest.mark.parametrize("name", _cases("cpu"))
-def test_cpu_peak_agrees_with_torch_memtracker(name):
+def test_cpu_peak_agrees_with_torch_memtracker(name, cpu_runs):
     pytest.importorskip("torch.distributed._tools.mem_tracker")
-    ours, _, _ = cpu_run(name)
+    ours, _, _ = cpu_runs(name)
     theirs = memtracker_peak(build(name))
     assert ours.peak == pytest.approx(theirs, rel=0.01), f"{name}: cpu {ours.peak} B, MemTracker {theirs} B"
 
@@ -87,9 +111,9 @@ def _uncovered(entry: Entry, cpu: StepReport, emulated: StepReport) -> list[str]
 
 
 @pytest.mark.parametrize("name", _cases("emulated"))
-def test_emulated_differs_from_cpu_only_by_named_cuda_rules(name):
+def test_emulated_differs_from_cpu_only_by_named_cuda_rules(name, cpu_runs):
     entry = REGISTRY[name]
-    cpu, step_tensors, batch_bytes = cpu_run(name)
+    cpu, step_tensors, batch_bytes = cpu_runs(name)
     step = build(name)
     emulated = measure(step, "emulated")
     assert not _uncovered(entry, cpu, emulated), f"{name}: differences no rule of {entry.rules} explains"
