@@ -39,17 +39,19 @@ except ImportError:  # pragma: no cover - not present on every torch release
     pass
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A pytester test runs with this session's objects gc-frozen (torch, transformers, hypothesis, every test
-    module: ~600,000), so the full collections its in-process run makes -- the plugin's leak check after each
-    measured inner test, 0.3 s each otherwise -- walk only what the inner session made. Only there: frozen during
-    any other test, measure_step would skip its own freeze, and its collections would walk the test's objects."""
+    module: ~600,000), so the full collections its in-process run makes walk only what the inner session made.
+    The plugin's leak check collects after every measured inner test there (0.3 s each otherwise): the in-process
+    run's HookRecorder keeps every hook call's arguments, the tensors the estimate hooks are given among them.
+    Only there: frozen during any other test, measure_step would skip its own freeze, and its collections would
+    walk every object the test made."""
     frozen = "pytester" in getattr(item, "fixturenames", ()) and not gc.get_freeze_count()
     if frozen:
         gc.freeze()
     try:
-        return (yield)
+        yield
     finally:
         if frozen:
             gc.unfreeze()
