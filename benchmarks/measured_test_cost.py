@@ -3,10 +3,12 @@ the libraries users train with (torch, transformers, timm, torchvision: ~440,000
 collector).
 
 The leak check after a measured test used to start with a full ``gc.collect()``, which walks every one of
-those objects (~0.3 s on a 2-core CI machine). It now collects only when a measured storage is still alive -- the trackers see
-frees as they happen -- which a test that keeps nothing never has. This script runs the same N one-step tests
-(emulated MLP, AdamW) with the leak check as shipped and with a conftest that puts the unconditional collection
-back, alternating the two so machine noise hits both alike, and prints pytest's own seconds per test.
+those objects (~0.3 s on a 2-core CI machine). It now collects only when a measured storage is still alive --
+the trackers see frees as they happen -- which a test that keeps nothing never has; on a GPU it still always
+collects. This script runs the same N one-step tests (MLP, AdamW, emulated backend) with the leak check as
+shipped and with a conftest that puts the unconditional collection back, alternating the two so machine noise
+hits both alike, and prints pytest's own seconds per test. The plugin loads through its pytest11 entry point
+(install the package first), this checkout first on the path.
 
     python benchmarks/measured_test_cost.py [--tests 20] [--repeat 3]
 """
@@ -54,7 +56,8 @@ def run(folder: Path, always_collect: bool, tests: int) -> float:
     heavy = "".join(f"try:\n    import {name}\nexcept ImportError:\n    pass\n" for name in HEAVY)
     (folder / "conftest.py").write_text(heavy + (ALWAYS_COLLECT if always_collect else ""))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_many.py"],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--gpumem-backend=emulated",
+                          "test_many.py"],
                          cwd=folder, env=env, capture_output=True, text=True)
     found = re.search(rf"{tests} passed.* in ([0-9.]+)s", out.stdout)
     if out.returncode != 0 or found is None:

@@ -237,3 +237,22 @@ def test_autocast_on_the_cpu_backend_saves_bfloat16_activations():
     # parameters and grads stay float32 (the master copies)
     assert report.category_peak(Category.PARAMS) == param_bytes(model.parameters())
     assert report.category_peak(Category.GRADS) == param_bytes(model.parameters())
+
+
+@pytest.mark.parametrize(("device_type", "keep", "collections"), [
+    ("cpu", False, 0),    # nothing measured is alive: no leak, no collection
+    ("cpu", True, 1),     # something is: a collection first (a reference cycle may be all that holds it)
+    ("cuda", False, 1),   # on a GPU always: cyclic garbage may hold unmeasured blocks the next warm-up frees
+])
+def test_the_leak_check_collects_only_when_it_must(monkeypatch, device_type, keep, collections):
+    from pytest_gpumem._core.records import TestState
+    from pytest_gpumem.fixture import live_bytes
+
+    tracker = StorageTracker(device_type)
+    kept = torch.empty(256)  # 1,024 B on the cpu tracker (the cuda one ignores cpu tensors)
+    if keep:
+        tracker.observe(kept)
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(args) or 0)
+    assert live_bytes(TestState(budget=None, backend_name=device_type, trackers=[tracker])) == (1024 if keep else 0)
+    assert len(calls) == collections

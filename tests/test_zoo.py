@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from gpumem_zoo.entry import Entry, Step
 from gpumem_zoo.oracle import memtracker_peak
 from pytest_gpumem import Category, StepReport, measure_step
 from pytest_gpumem._measure.step import StepFailed
-from pytest_gpumem._reporting.atomic_files import folder_lock
+from pytest_gpumem._reporting.atomic_files import folder_lock, write_json_atomic
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -58,13 +57,16 @@ def _measure_cpu(name: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cpu_runs(tmp_path_factory):
+def cpu_runs(request, tmp_path_factory):
     """cpu_run(name) -> (cpu report, step tensors in the optimizer state, batch bytes), measured once per entry
     and test session: both tests of an entry need it, and under xdist they often land on different workers, so
     the workers share the reports through a folder of this session (a lock per entry: the second one waits)."""
     base = tmp_path_factory.getbasetemp()
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    folder = (base.parent if worker else base) / "zoo-cpu-runs"  # a worker's parent folder is this session's
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    # a local (popen) xdist worker's basetemp is <this session's basetemp>/popen-gwN; anything else -- no xdist,
+    # remote workers -- keeps its own folder (the parent of those outlives the session: stale reports)
+    shared = worker is not None and base.name == f"popen-{worker}"
+    folder = (base.parent if shared else base) / "zoo-cpu-runs"
     folder.mkdir(exist_ok=True)
 
     @functools.lru_cache(maxsize=None)
@@ -72,7 +74,7 @@ def cpu_runs(tmp_path_factory):
         path = folder / f"{name}.json"
         with folder_lock(folder / name / "lock"):
             if not path.exists():
-                path.write_text(json.dumps(_measure_cpu(name)))
+                write_json_atomic(path, _measure_cpu(name))  # a worker killed mid-write leaves no half file
             data = json.loads(path.read_text())
         return StepReport.from_dict(data["report"]), data["steps"], data["batch"]
 
