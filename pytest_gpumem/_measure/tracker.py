@@ -260,7 +260,9 @@ class StorageTracker(TorchDispatchMode):
 
     def live_bytes(self) -> int:
         """Rounded bytes of the tracked storages alive now."""
-        return sum(entry[1] for entry in self._live.values())
+        # a copy first: frees arrive from other threads too (gloo's, autograd's device thread) and would change
+        # the dict under a Python-level iteration; list() copies it without letting another thread run
+        return sum(entry[1] for entry in list(self._live.values()))
 
     def close(self) -> None:
         """Stop recording frees (storages outliving the measurement are still live at its end)."""
