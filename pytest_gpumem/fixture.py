@@ -202,9 +202,8 @@ def live_bytes(state: TestState) -> int:
     collection costs about 0.3 s in a process that has imported torch and transformers. On a GPU it always
     collects: the test's cyclic garbage may hold CUDA blocks it did not measure, which the next test's warm-up
     (empty_cache) must be able to release, or that test's reserved figures would depend on this one."""
-    if not any(t.live_bytes() for t in state.trackers) and not any(t.device_type == "cuda" for t in state.trackers):
-        return 0
-    gc.collect()  # reference cycles may be all that still holds them
+    if any(t.live_bytes() or t.device_type == "cuda" for t in state.trackers):
+        gc.collect()  # reference cycles may be all that still holds them
     return sum(t.live_bytes() for t in state.trackers)
 
 

@@ -71,8 +71,8 @@ def cpu_runs(request, tmp_path_factory):
 
     @functools.lru_cache(maxsize=None)
     def cpu_run(name: str) -> tuple[StepReport, int, int]:
-        path = folder / f"{name}.json"
-        with folder_lock(folder / name / "lock"):
+        path = folder / name / "cpu.json"
+        with folder_lock(path):  # locks the entry's folder: the second worker waits, then reads
             if not path.exists():
                 write_json_atomic(path, _measure_cpu(name))  # a worker killed mid-write leaves no half file
             data = json.loads(path.read_text())
