@@ -6,13 +6,8 @@ prints one JSON object on the last line of stdout: ``peaks`` (agreement case id 
 ``reports`` (buffer case id -> the ParallelReport as a dict). A fresh interpreter, because FSDP2 once run in a
 process starts autograd's device threads, after which that process can no longer fork ranks (torch's
 "Autograd and Fork" limit). One script for both lists: the layouts they share are measured once, and a test run
-pays one interpreter start-up and one import of torch instead of two.
-
-Each sharded agreement case runs twice and each rank keeps its smaller peak: gloo reduce-scatters by all-reducing
-a staged copy of the input, which its work object frees when the gloo thread lets go of it; now and then that
-lands after the rank's next allocations and adds one reduce-scatter input to its peak (seen on one rank in 1 of 5
-runs of the MLP on FSDP(2): 5,644,168 B or 6,135,688 B). The run without the late free is the one the emulation
-models; of two runs, the buffer test gets the one whose ranks peaked lowest in backward.
+pays one interpreter start-up and one import of torch instead of two. Each case is measured once: the ranks settle
+their collectives, so a run is the same every time (tests/test_parallel_gloo.py checks that on the MLP).
 """
 from __future__ import annotations
 
@@ -100,23 +95,19 @@ def case_id(name: str, layout) -> str:
 
 
 def main() -> None:
-    from parallel_gloo_cases import quietest
     from pytest_gpumem import measure_parallel_step
 
     agreement, buffers = {case_id(*c) for c in CASES}, {case_id(*c) for c in BUFFER_CASES}
     peaks, reports = {}, {}
     for name, layout in CASES + [c for c in BUFFER_CASES if case_id(*c) not in agreement]:
         key = case_id(name, layout)
-        runs = []
-        # DDP reduces in place (no staged copy) and a buffer-only case is measured once
-        for _ in range(2 if key in agreement and not isinstance(layout, DDP) else 1):
-            model, optimizer, batch, target, loss = case(name)
-            runs.append(measure_parallel_step(model, optimizer, batch, target=target, loss_fn=loss, parallel=layout,
-                                              backend="cpu", timeout=120))
+        model, optimizer, batch, target, loss = case(name)
+        run = measure_parallel_step(model, optimizer, batch, target=target, loss_fn=loss, parallel=layout,
+                                    backend="cpu", timeout=120)
         if key in agreement:
-            peaks[key] = [min(by_rank) for by_rank in zip(*([r.peak for r in run.ranks] for run in runs))]
+            peaks[key] = [rank.peak for rank in run.ranks]
         if key in buffers:
-            reports[key] = quietest(runs).to_dict()
+            reports[key] = run.to_dict()
     sys.stdout.write("\n" + json.dumps({"peaks": peaks, "reports": reports}) + "\n")
 
 

@@ -394,3 +394,38 @@ def test_the_nn_loss_ops_are_what_the_f_losses_call():
         _moved("torch._C._nn.{mse_loss, smooth_l1_loss, soft_margin_loss, binary_cross_entropy}")
     x = torch.ones(3)
     assert ops[0](x, x, 1).item() == 0.0, _moved("torch._C._nn.mse_loss(input, target, reduction)")  # 1: mean
+
+
+def test_the_collectives_gloo_ranks_settle_are_where_their_callers_look_them_up():
+    import torch.distributed as dist
+
+    owner, names = _compat.gloo_collective_patch_targets()
+    assert owner is dist
+    for name in names:
+        if name in _compat.WAITS_IN_CPP:  # DDP's constructor calls these, and they wait in C++
+            assert callable(getattr(dist, name)), _moved(f"torch.distributed.{name}")
+        else:  # FSDP2 and ZeroRedundancyOptimizer pass async_op= and keep the Work
+            assert "async_op" in inspect.signature(getattr(dist, name)).parameters, \
+                _moved(f"torch.distributed.{name}(..., async_op=)")
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    source = inspect.getsource(_fsdp_collectives)  # FSDP2 reaches them as dist.<name>, so wrapping dist reaches it
+    assert any(f"dist.{n}(" in source for n in names if "gather" in n), _moved("FSDP2's all-gather call")
+    assert any(f"dist.{n}(" in source for n in names if "scatter" in n), _moved("FSDP2's reduce-scatter call")
+
+
+def test_a_completed_work_is_a_finished_c10d_work():
+    import torch.distributed as dist
+
+    work = _compat.completed_work()
+    assert isinstance(work, dist.distributed_c10d.Work), _moved("_create_work_from_future")  # FSDP2 checks this
+    assert work.is_completed() and work.wait()
+
+
+def test_tensor_use_count_counts_the_cpp_owners_of_a_tensor():
+    t = torch.ones(3)
+    alone = _compat.tensor_use_count(t)
+    product = torch.ones(3, requires_grad=True) * t  # autograd saves t in C++, as a collective's Work holds it
+    assert _compat.tensor_use_count(t) == alone + 1, _moved("Tensor._use_count()")
+    del product
+    assert _compat.tensor_use_count(t) == alone

@@ -17,8 +17,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .distributed import (  # the torch.distributed internals, in their own file; callers import them from here
-    ddp_meta_patches, dtensor_local, fake_store, fsdp2_meta_patches, fsdp_prefetch_patch_target,
-    fsdp_unsharded_params, storage_resize_patch_target,
+    WAITS_IN_CPP, completed_work, ddp_meta_patches, dtensor_local, fake_store, fsdp2_meta_patches, fsdp_prefetch_patch_target,
+    fsdp_unsharded_params, gloo_collective_patch_targets, storage_resize_patch_target, tensor_use_count,
 )
 from .missing import TorchInternalMissing, _require
 
@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "AUTOCAST_LISTS_CHECKED",
+    "WAITS_IN_CPP",
     "GRAD_SCALER_ATTRIBUTES",
     "MODULE_CHILDREN_DICT",
     "MODULE_TENSOR_DICTS",
@@ -49,10 +50,12 @@ __all__ = [
     "fsdp_unsharded_params",
     "storage_resize_patch_target",
     "compiled_original",
+    "completed_work",
     "cpu_flash_attention",
     "dump_memory_snapshot",
     "forward_hook_counts",
     "function_mode_stack",
+    "gloo_collective_patch_targets",
     "fused_devices_patch_target",
     "foreach_sqrt_op",
     "grad_scaler_step_patch_target",
@@ -72,6 +75,7 @@ __all__ = [
     "set_hypothesis_digest",
     "sparse_parts",
     "stop_memory_history",
+    "tensor_use_count",
     "storage_key",
     "top_pack_hook",
     "tree_flatten",

@@ -1,5 +1,5 @@
 """The torch.distributed internals of ``_compat``: the fake process group, FSDP2's device and meta checks, DTensor
-shards, unsharded parameters, storage resizes and the prefetch hook. Imported through ``pytest_gpumem._compat``;
+shards, unsharded parameters, storage resizes, the prefetch hook, and what settles the gloo ranks' collectives. Imported through ``pytest_gpumem._compat``;
 each has its test in tests/test_compat.py (DTensor ones on a gloo group, tests/test_parallel_gloo.py)."""
 from __future__ import annotations
 
@@ -121,3 +121,43 @@ def fsdp_prefetch_patch_target() -> tuple[type, str]:
 
     _require(FSDPParamGroup, "_prefetch_unshard", "FSDPParamGroup")
     return FSDPParamGroup, "_prefetch_unshard"
+
+# --- gloo ranks: collectives that settle before the step goes on -------------------------------------------
+
+#: the torch.distributed functions whose gloo Work can outlive the call holding buffers, called by module attribute
+#: (so wrapping them there reaches the callers): FSDP2's all-gathers and reduce-scatters (``all_gather_single``
+#: and ``reduce_scatter_single`` on torch 2.14; ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` on 2.11,
+#: which 2.14 keeps as deprecated wrappers), ZeroRedundancyOptimizer's ``broadcast`` of its parameter buckets, and
+#: what DDP's constructor runs in C++, waiting there (no ``async_op``): ``_verify_params_across_processes`` gathers
+#: every rank's parameter shapes, ``_broadcast_coalesced`` sends rank 0's module states in flattened buckets
+_SETTLED_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+                        "broadcast", "_broadcast_coalesced", "_verify_params_across_processes")
+WAITS_IN_CPP = frozenset({"_broadcast_coalesced", "_verify_params_across_processes"})
+
+
+def gloo_collective_patch_targets() -> tuple[Any, tuple[str, ...]]:
+    """(``torch.distributed``, names of ``_SETTLED_COLLECTIVES`` it has); TorchInternalMissing unless an
+    all-gather, a reduce-scatter and both of DDP's C++ collectives are among them."""
+    import torch.distributed as dist
+
+    names = tuple(name for name in _SETTLED_COLLECTIVES if callable(getattr(dist, name, None)))
+    if not any("gather" in n for n in names) or not any("scatter" in n for n in names) \
+            or not WAITS_IN_CPP.issubset(names):
+        raise TorchInternalMissing("torch.distributed.{all_gather_single, reduce_scatter_single} or {all_gather_into_"
+                                   "tensor, reduce_scatter_tensor}, _broadcast_coalesced, _verify_params_across_processes")
+    return dist, names
+
+
+def completed_work() -> Any:
+    """A ``torch.distributed.Work`` that is already done (``_create_work_from_future`` on a finished future):
+    what a settled async collective hands back, so the caller's ``wait()`` returns at once. torch >= 2.0."""
+    create = _require(torch._C._distributed_c10d, "_create_work_from_future", "torch._C._distributed_c10d")
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(None)
+    return create(future)
+
+
+def tensor_use_count(t: torch.Tensor) -> int:
+    """How many C++ owners ``t``'s TensorImpl has (``Tensor._use_count()``): a collective's Work holds its
+    tensors, so the count drops back when the Work is gone. torch >= 2.0 (checked 2.11, 2.14)."""
+    return t._use_count()

@@ -264,6 +264,14 @@ class StorageTracker(TorchDispatchMode):
         # the dict under a Python-level iteration; list() copies it without letting another thread run
         return sum(entry[1] for entry in list(self._live.values()))
 
+    def next_key(self) -> int:
+        """The key the next storage seen will get (keys are handed out in order)."""
+        return self._next_key
+
+    def alive_since(self, key: int) -> bool:
+        """Whether a storage first seen at or after ``key`` is still alive (read from a copy, as live_bytes)."""
+        return any(entry[0] >= key for entry in list(self._live.values()))
+
     def close(self) -> None:
         """Stop recording frees (storages outliving the measurement are still live at its end)."""
         self._closed = True

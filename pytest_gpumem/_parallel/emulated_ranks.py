@@ -25,7 +25,7 @@ from torch import nn
 from .._compat import TorchDispatchMode, ddp_meta_patches, dtensor_local, fake_store, fsdp2_meta_patches
 from .._core.results import RankInfo, StepReport
 from .._emulation.devices import resolve as resolve_device
-from .._measure.backends import Backend, CpuBackend, EmulatedBackend
+from .._measure.backends import CpuBackend, EmulatedBackend
 from .._measure.twins import optimizer_twin
 from .clean_child import ChildCannotRunBackward, can_fork, report_from_child
 from .rank_step import measure_rank_step

@@ -93,7 +93,7 @@ def _rank_main(step: ParallelStep, rank: int, store_path: str, fd: int) -> NoRet
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=step.timeout_s))
-        report = measure_rank_step(step, rank, CpuBackend())
+        report = measure_rank_step(step, rank, CpuBackend(), settle=True)
         payload = {"rank": rank, "report": report.to_dict()}
         code = 0
     except BaseException as exc:  # noqa: BLE001 - whatever the rank raised goes to the parent

@@ -5,16 +5,14 @@ Parameters after the last zero_grad, gradients after the last backward, optimize
 optimizer step: shapes and dtypes fix them, so they must agree to the byte (the same rule as one device).
 Each communication buffer (``comm_buffers.py``) by the most bytes it held at any instant of the last step
 (``PhaseStats.part_peaks``): what FSDP2 and DDP allocate, and when they free it, follows from the units and
-dtypes alone, whereas its share of a phase's peak depends on what else is alive then. Exact, except the
-gathered buffers on gloo ranks: gloo's worker thread can let go of an all-gather output after FSDP2 has
-dropped it, so the next unit's buffer is allocated first: one unit's buffer more, on one rank now and then
-(torch 2.14: the all-gather buffer in 3 of 20 sharded runs of the agreement cases; the prefetched buffer on
-1 of 174 rank reports of the buffer cases of tests/parallel_layout_cases.py run three times; torch 2.11: none
-in 20 runs).
+dtypes alone, whereas its share of a phase's peak depends on what else is alive then. Exact on every backend:
+on gloo ranks each collective settles before the step goes on (settled_collectives.py), so a buffer gloo's worker
+thread held a moment longer is no longer measured one unit's buffer above its closed form, as it was now and then
+before they settled (torch 2.14: the all-gather buffer in 3 of 20 sharded runs of the agreement cases).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .._core.categories import Category, Phase
@@ -22,9 +20,9 @@ from .._core.results import StepReport
 from .._core.text_table import render_table
 from .._core.units import format_bytes
 from .._tools.contradiction import Comparison, Row
-from .comm_buffers import ALL_GATHER, BUCKETS, PREFETCHED, REDUCE_SCATTER, UNSHARDED, comm_buffers, unit_buffers
+from .comm_buffers import ALL_GATHER, BUCKETS, PREFETCHED, REDUCE_SCATTER, UNSHARDED, comm_buffers
 from .model_states import ModelStates, model_states
-from .strategies import FSDP, ZeRO, Strategy
+from .strategies import Strategy
 
 #: named part -> what in the strategy or the model usually makes it differ from its closed form
 LIKELY_CAUSES: dict[str, str] = {
@@ -79,12 +77,10 @@ class ModelStateEstimate:
     device: str
     #: per rank: communication part -> the most bytes it reaches in a step (``comm_buffers``)
     buffers: tuple[dict[str, int], ...] = ()
-    #: part -> bytes a measurement may exceed its closed form by (gloo's late free of a gathered buffer)
-    slack: dict[str, int] = field(default_factory=dict)
 
     def compare(self, report: StepReport, rtol: float = 0.0, atol: int = 0) -> Comparison:
         """Params, grads, optimizer and each communication buffer of ``report``'s rank against the closed form,
-        exact but for ``slack`` (rtol/atol unused)."""
+        to the byte (rtol/atol unused)."""
         got = measured_model_states(report)
         want = self.ranks[got.rank]
         rows = [Row(name, getattr(want, name), getattr(got, name), getattr(want, name) == getattr(got, name),
@@ -112,30 +108,17 @@ class ModelStateEstimate:
         for name in COMM_PARTS:
             if name not in want and name not in measured:
                 continue
-            est, got, slack = want.get(name, 0), measured.get(name, 0), self.slack.get(name, 0)
-            note = f"exact, or up to {format_bytes(slack)} more (gloo)" if slack else "exact"
-            rows.append(Row(name, est, got, est <= got <= est + slack, note))
+            est, got = want.get(name, 0), measured.get(name, 0)
+            rows.append(Row(name, est, got, est == got, "exact"))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
         ranks = [{**r.to_dict(), "comm_buffers": dict(b)} for r, b in zip(self.ranks, self.buffers)] if self.buffers \
             else [r.to_dict() for r in self.ranks]
-        data = {"kind": "model_states", "device": self.device, "strategy": dict(self.strategy), "ranks": ranks}
-        if self.slack:
-            data["comm_buffer_slack"] = dict(self.slack)
-        return data
+        return {"kind": "model_states", "device": self.device, "strategy": dict(self.strategy), "ranks": ranks}
 
 
 def model_state_estimate(model: Any, optimizer: Any, strategy: Strategy, *, device: str = "cpu") -> ModelStateEstimate:
-    """The closed forms the plugin compares every rank of a distributed step with. On 'cpu' (gloo ranks) the
-    all-gather and prefetched buffers may be measured one unit's buffer above their closed forms (see the
-    module docstring)."""
+    """The closed forms the plugin compares every rank of a distributed step with."""
     states = model_states(model, optimizer, strategy, device=device)
-    buffers = comm_buffers(model, strategy, states)
-    slack: dict[str, int] = {}
-    fsdp = strategy.as_fsdp() if isinstance(strategy, ZeRO) and strategy.stage == 2 else strategy
-    if device == "cpu" and isinstance(fsdp, FSDP) and fsdp.world_size > 1:
-        units = unit_buffers(model, fsdp)
-        if units:
-            slack[ALL_GATHER] = slack[PREFETCHED] = max(u.all_gather for u in units)
-    return ModelStateEstimate(strategy.to_dict(), states, device, buffers, slack)
+    return ModelStateEstimate(strategy.to_dict(), states, device, comm_buffers(model, strategy, states))

@@ -33,6 +33,7 @@ from .._measure.backends import Backend
 from .._measure.step import Session, one_step, optimizer_state_tensors
 from .._measure.tracker import StorageTracker
 from .runners import ParallelStep
+from .settled_collectives import settling_collectives
 from .strategies import DDP, FSDP, ZeRO
 from .wrapping import lay_out
 
@@ -140,8 +141,11 @@ def rank_slice(batch: Any, rank: int, world_size: int) -> Any:
     return map_tensors(lambda t: t.chunk(world_size)[rank].clone() if t.dim() else t, batch)
 
 
-def measure_rank_step(step: ParallelStep, rank: int, backend: Backend) -> StepReport:
-    """Lay out, then measure ``step.steps`` steps on this rank; the report carries its RankInfo."""
+def measure_rank_step(step: ParallelStep, rank: int, backend: Backend, *, settle: bool = False) -> StepReport:
+    """Lay out, then measure ``step.steps`` steps on this rank; the report carries its RankInfo.
+
+    ``settle``: FSDP2's collectives return only once their buffers are freed (real gloo ranks; settled_collectives).
+    """
     strategy = step.strategy
     session = RankSession(backend)
     inputs, target = rank_slice((step.batch, step.target), rank, strategy.world_size)
@@ -151,7 +155,8 @@ def measure_rank_step(step: ParallelStep, rank: int, backend: Backend) -> StepRe
         gc.freeze()
     try:
         watcher = CollectiveWatcher(session.tracker, _bucketed(strategy))
-        with session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), watcher:
+        settling = settling_collectives(session.tracker) if settle else contextlib.nullcontext()
+        with session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), settling, watcher:
             session.phase(0, Phase.SETUP)
             model, optimizer = step.model, step.optimizer
             if _needs_placing(model, backend):
