@@ -407,11 +407,18 @@ def test_the_collectives_gloo_ranks_settle_are_where_their_callers_look_them_up(
         else:  # FSDP2 and ZeroRedundancyOptimizer pass async_op= and keep the Work
             assert "async_op" in inspect.signature(getattr(dist, name)).parameters, \
                 _moved(f"torch.distributed.{name}(..., async_op=)")
+    # each caller reaches them as dist.<name> at call time, so wrapping them on torch.distributed reaches it
+    import torch.distributed.optim.zero_redundancy_optimizer as zero
+    import torch.distributed.utils as dist_utils
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives
 
-    source = inspect.getsource(_fsdp_collectives)  # FSDP2 reaches them as dist.<name>, so wrapping dist reaches it
-    assert any(f"dist.{n}(" in source for n in names if "gather" in n), _moved("FSDP2's all-gather call")
-    assert any(f"dist.{n}(" in source for n in names if "scatter" in n), _moved("FSDP2's reduce-scatter call")
+    fsdp2 = inspect.getsource(_fsdp_collectives)
+    assert any(f"dist.{n}(" in fsdp2 for n in names if "gather" in n), _moved("FSDP2's all-gather call")
+    assert any(f"dist.{n}(" in fsdp2 for n in names if "scatter" in n), _moved("FSDP2's reduce-scatter call")
+    ddp = inspect.getsource(dist_utils)  # DDP's constructor: the shape check, then the module-state broadcast
+    assert "dist._verify_params_across_processes(" in ddp, _moved("DDP's dist._verify_params_across_processes call")
+    assert "dist._broadcast_coalesced(" in ddp, _moved("DDP's dist._broadcast_coalesced call")
+    assert "dist.broadcast(" in inspect.getsource(zero), _moved("ZeroRedundancyOptimizer's dist.broadcast call")
 
 
 def test_a_completed_work_is_a_finished_c10d_work():
@@ -420,6 +427,20 @@ def test_a_completed_work_is_a_finished_c10d_work():
     work = _compat.completed_work()
     assert isinstance(work, dist.distributed_c10d.Work), _moved("_create_work_from_future")  # FSDP2 checks this
     assert work.is_completed() and work.wait()
+
+
+def test_a_collective_inside_a_coalescing_manager_hands_back_a_deferred_work():
+    import torch.distributed as dist
+
+    dist.init_process_group("fake", store=_compat.fake_store(), rank=0, world_size=4)
+    try:
+        with dist._coalescing_manager(async_ops=True) as coalesced:
+            work = dist.all_gather_into_tensor(torch.empty(4), torch.ones(1), async_op=True)
+            assert _compat.is_deferred_work(work), _moved("distributed_c10d._IllegalWork")
+        coalesced.wait()
+    finally:
+        dist.destroy_process_group()
+    assert not _compat.is_deferred_work(_compat.completed_work())
 
 
 def test_tensor_use_count_counts_the_cpp_owners_of_a_tensor():

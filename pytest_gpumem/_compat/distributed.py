@@ -1,6 +1,7 @@
 """The torch.distributed internals of ``_compat``: the fake process group, FSDP2's device and meta checks, DTensor
-shards, unsharded parameters, storage resizes, the prefetch hook, and what settles the gloo ranks' collectives. Imported through ``pytest_gpumem._compat``;
-each has its test in tests/test_compat.py (DTensor ones on a gloo group, tests/test_parallel_gloo.py)."""
+shards, unsharded parameters, storage resizes, the prefetch hook, and what settles the gloo ranks' collectives.
+Imported through ``pytest_gpumem._compat``; each has its test in tests/test_compat.py (DTensor ones on a gloo group,
+tests/test_parallel_gloo.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -150,11 +151,20 @@ def gloo_collective_patch_targets() -> tuple[Any, tuple[str, ...]]:
 
 def completed_work() -> Any:
     """A ``torch.distributed.Work`` that is already done (``_create_work_from_future`` on a finished future):
-    what a settled async collective hands back, so the caller's ``wait()`` returns at once. torch >= 2.0."""
+    what a settled async collective hands back, so the caller's ``wait()`` returns at once. Its future's value is
+    None (torch's holds the output tensors): DDP, FSDP2 and ZeroRedundancyOptimizer only wait. torch >= 2.0."""
     create = _require(torch._C._distributed_c10d, "_create_work_from_future", "torch._C._distributed_c10d")
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(None)
     return create(future)
+
+
+def is_deferred_work(work: Any) -> bool:
+    """Whether a collective handed back the placeholder torch gives inside ``_coalescing_manager`` (``_IllegalWork``:
+    the collective runs when the block ends, and waiting on it raises). torch >= 2.1 (checked 2.11, 2.14)."""
+    from torch.distributed import distributed_c10d
+
+    return isinstance(work, _require(distributed_c10d, "_IllegalWork", "torch.distributed.distributed_c10d"))
 
 
 def tensor_use_count(t: torch.Tensor) -> int:

@@ -268,9 +268,10 @@ class StorageTracker(TorchDispatchMode):
         """The key the next storage seen will get (keys are handed out in order)."""
         return self._next_key
 
-    def alive_since(self, key: int) -> bool:
-        """Whether a storage first seen at or after ``key`` is still alive (read from a copy, as live_bytes)."""
-        return any(entry[0] >= key for entry in list(self._live.values()))
+    def alive_since(self, key: int, excluding: frozenset[int] = frozenset()) -> bool:
+        """Whether a storage first seen at or after ``key``, other than those keyed ``excluding``, is still alive
+        (read from a copy, as live_bytes)."""
+        return any(entry[0] >= key and entry[0] not in excluding for entry in list(self._live.values()))
 
     def close(self) -> None:
         """Stop recording frees (storages outliving the measurement are still live at its end)."""

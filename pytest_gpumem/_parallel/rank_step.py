@@ -144,7 +144,7 @@ def rank_slice(batch: Any, rank: int, world_size: int) -> Any:
 def measure_rank_step(step: ParallelStep, rank: int, backend: Backend, *, settle: bool = False) -> StepReport:
     """Lay out, then measure ``step.steps`` steps on this rank; the report carries its RankInfo.
 
-    ``settle``: FSDP2's collectives return only once their buffers are freed (real gloo ranks; settled_collectives).
+    ``settle``: each collective returns only once its buffers are freed (real gloo ranks; settled_collectives).
     """
     strategy = step.strategy
     session = RankSession(backend)
@@ -155,7 +155,7 @@ def measure_rank_step(step: ParallelStep, rank: int, backend: Backend, *, settle
         gc.freeze()
     try:
         watcher = CollectiveWatcher(session.tracker, _bucketed(strategy))
-        settling = settling_collectives(session.tracker) if settle else contextlib.nullcontext()
+        settling = settling_collectives(session.tracker, backend.notes) if settle else contextlib.nullcontext()
         with session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), settling, watcher:
             session.phase(0, Phase.SETUP)
             model, optimizer = step.model, step.optimizer
