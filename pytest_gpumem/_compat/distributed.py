@@ -144,8 +144,9 @@ def gloo_collective_patch_targets() -> tuple[Any, tuple[str, ...]]:
     names = tuple(name for name in _SETTLED_COLLECTIVES if callable(getattr(dist, name, None)))
     if not any("gather" in n for n in names) or not any("scatter" in n for n in names) \
             or not WAITS_IN_CPP.issubset(names):
-        raise TorchInternalMissing("torch.distributed.{all_gather_single, reduce_scatter_single} or {all_gather_into_"
-                                   "tensor, reduce_scatter_tensor}, _broadcast_coalesced, _verify_params_across_processes")
+        raise TorchInternalMissing("torch.distributed.{all_gather_single, reduce_scatter_single} or "
+                                   "{all_gather_into_tensor, reduce_scatter_tensor}, _broadcast_coalesced, "
+                                   "_verify_params_across_processes")
     return dist, names
 
 

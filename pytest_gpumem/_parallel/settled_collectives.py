@@ -69,7 +69,6 @@ class _Settling:
             first_new = self.tracker.next_key()
             if signature is None:
                 result = original(*args, **kwargs)
-                asked_async = False
             else:
                 call = signature.bind(*args, **kwargs)
                 asked_async = bool(call.arguments.get("async_op", False))
