@@ -8,18 +8,17 @@ backend cannot run yet are strict xfails naming the failing op, so they fail the
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
+from computed_once import computed_once
 from gpumem_zoo import REGISTRY, RULES
 from gpumem_zoo.entry import Entry, Step
 from gpumem_zoo.oracle import memtracker_peak
 from pytest_gpumem import Category, StepReport, measure_step
 from pytest_gpumem._measure.step import StepFailed
-from pytest_gpumem._reporting.atomic_files import folder_lock, write_json_atomic
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -57,25 +56,13 @@ def _measure_cpu(name: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cpu_runs(request, tmp_path_factory):
+def cpu_runs(tmp_path_factory):
     """cpu_run(name) -> (cpu report, step tensors in the optimizer state, batch bytes), measured once per entry
-    and test session: both tests of an entry need it, and under xdist they often land on different workers, so
-    the workers share the reports through a folder of this session (a lock per entry: the second one waits)."""
-    base = tmp_path_factory.getbasetemp()
-    worker = getattr(request.config, "workerinput", {}).get("workerid")
-    # a local (popen) xdist worker's basetemp is <this session's basetemp>/popen-gwN; anything else -- no xdist,
-    # remote workers -- keeps its own folder (the parent of those outlives the session: stale reports)
-    shared = worker is not None and base.name == f"popen-{worker}"
-    folder = (base.parent if shared else base) / "zoo-cpu-runs"
-    folder.mkdir(exist_ok=True)
+    and test run: both tests of an entry need it, and under xdist they often land on different workers."""
 
     @functools.lru_cache(maxsize=None)
     def cpu_run(name: str) -> tuple[StepReport, int, int]:
-        path = folder / name / "cpu.json"
-        with folder_lock(path):  # locks the entry's folder: the second worker waits, then reads
-            if not path.exists():
-                write_json_atomic(path, _measure_cpu(name))  # a worker killed mid-write leaves no half file
-            data = json.loads(path.read_text())
+        data = computed_once(tmp_path_factory, f"zoo-cpu-{name}", lambda: _measure_cpu(name))
         return StepReport.from_dict(data["report"]), data["steps"], data["batch"]
 
     return cpu_run

@@ -272,30 +272,29 @@ def measure_step(
     be = backend if isinstance(backend, Backend) else make_backend(backend)
     loss_fn = loss_fn or default_loss
     session = Session(be)
-    frozen = _freeze_older_objects()
-    try:
-        with session:
-            session.phase(0, Phase.SETUP)
-            model, optimizer = session.place_model(model, optimizer)
-            session.adopt_batch((batch, target))
-            be.after_placement(session.tracker)
-            session.phase(0, Phase.BATCH)
-            inputs, target = session.place_batch((batch, target))
-            scaler = be.grad_scaler(scaler)
-            for index in range(steps):
-                one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype, scaler)
-            gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
-    except StepFailed:
-        raise
-    except Exception as exc:  # the partial report travels with the error
-        raise _failure(session, exc) from exc
-    finally:
-        if frozen:
-            gc.unfreeze()
+    with older_objects_frozen():
+        try:
+            with session:
+                session.phase(0, Phase.SETUP)
+                model, optimizer = session.place_model(model, optimizer)
+                session.adopt_batch((batch, target))
+                be.after_placement(session.tracker)
+                session.phase(0, Phase.BATCH)
+                inputs, target = session.place_batch((batch, target))
+                scaler = be.grad_scaler(scaler)
+                for index in range(steps):
+                    one_step(session, index, model, optimizer, inputs, target, loss_fn, set_to_none, autocast_dtype,
+                             scaler)
+                gc.collect()  # cycles the step made (autograd graph, hooks) free their storages before the report
+        except StepFailed:
+            raise
+        except Exception as exc:  # the partial report travels with the error
+            raise _failure(session, exc) from exc
     return session.close()
 
 
-def _freeze_older_objects() -> bool:
+@contextlib.contextmanager
+def older_objects_frozen() -> Iterator[None]:
     """gc.freeze() what exists before the step, so the final gc.collect() walks only what the step made.
 
     A full collection walks every long-lived object of torch (~0.1 s, a sixth of an emulated ResNet-50
@@ -303,9 +302,13 @@ def _freeze_older_objects() -> bool:
     caller froze objects already: unfreezing would undo theirs.
     """
     if gc.get_freeze_count():
-        return False
+        yield
+        return
     gc.freeze()
-    return True
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def check_step_arguments(model: Any, optimizer: Any, steps: Any) -> None:

@@ -30,7 +30,7 @@ from .._core.results import RankInfo, StepReport
 from .._core.step_calls import default_loss
 from .._core.tensors import map_tensors
 from .._measure.backends import Backend
-from .._measure.step import Session, one_step, optimizer_state_tensors
+from .._measure.step import Session, older_objects_frozen, one_step, optimizer_state_tensors
 from .._measure.tracker import StorageTracker
 from .runners import ParallelStep
 from .settled_collectives import settling_collectives
@@ -150,32 +150,26 @@ def measure_rank_step(step: ParallelStep, rank: int, backend: Backend, *, settle
     session = RankSession(backend)
     inputs, target = rank_slice((step.batch, step.target), rank, strategy.world_size)
     loss_fn = step.loss_fn or default_loss
-    frozen = not gc.get_freeze_count()
-    if frozen:
-        gc.freeze()
-    try:
-        watcher = CollectiveWatcher(session.tracker, _bucketed(strategy))
-        settling = settling_collectives(session.tracker, backend.notes) if settle else contextlib.nullcontext()
-        with session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), settling, watcher:
-            session.phase(0, Phase.SETUP)
-            model, optimizer = step.model, step.optimizer
-            if _needs_placing(model, backend):
-                model, optimizer = session.place_model(model, optimizer)
-            model, optimizer = lay_out(model, optimizer, strategy)
-            session.model, session.optimizer = model, optimizer
-            session.classify()
-            session.adopt_batch((inputs, target))
-            backend.after_placement(session.tracker)
-            session.phase(0, Phase.BATCH)
-            inputs, target = session.place_batch((inputs, target))
-            for index in range(step.steps):
-                one_step(session, index, model, optimizer, inputs, target, loss_fn, step.set_to_none,
-                         step.autocast_dtype, None)
-            del model, optimizer, inputs, target
-            gc.collect()
-    finally:
-        if frozen:
-            gc.unfreeze()
+    watcher = CollectiveWatcher(session.tracker, _bucketed(strategy))
+    settling = settling_collectives(session.tracker, backend.notes) if settle else contextlib.nullcontext()
+    with older_objects_frozen(), session, watching_resizes(session.tracker), watching_prefetch(watcher, strategy), \
+            settling, watcher:
+        session.phase(0, Phase.SETUP)
+        model, optimizer = step.model, step.optimizer
+        if _needs_placing(model, backend):
+            model, optimizer = session.place_model(model, optimizer)
+        model, optimizer = lay_out(model, optimizer, strategy)
+        session.model, session.optimizer = model, optimizer
+        session.classify()
+        session.adopt_batch((inputs, target))
+        backend.after_placement(session.tracker)
+        session.phase(0, Phase.BATCH)
+        inputs, target = session.place_batch((inputs, target))
+        for index in range(step.steps):
+            one_step(session, index, model, optimizer, inputs, target, loss_fn, step.set_to_none,
+                     step.autocast_dtype, None)
+        del model, optimizer, inputs, target
+        gc.collect()
     report = session.close()
     info = RankInfo(strategy.name, strategy.world_size, rank, strategy.to_dict())
     return StepReport(report.backend, report.device, report.torch_version, report.cuda_version, report.steps,
